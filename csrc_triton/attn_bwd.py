@@ -1,0 +1,310 @@
+"""Backward kernels of prefix attention (FlashAttention-2 style, scores recomputed).
+
+1. ``bwd_preprocess_kernel``: delta = rowsum(dO * O) - dLSE and the lse in log2 units, with empty
+   rows (lse = -inf) turned to +inf so that recomputed probabilities are 0 there.
+2. ``bwd_seq_kernel``: program j computes dK/dV of the sequence's key block j (key-stationary,
+   looping over queries) and dQ of query block j (query-stationary, looping over the prefix and
+   the sequence keys). Causal work per key block falls as per query block grows, so each program
+   does about the same work.
+3. The prefix gradient lives in ``prefix_grad.py``: it is reduced across the batch there.
+"""
+import triton
+import triton.language as tl
+
+from csrc_triton.common import LOG2E_C, dropout_keep_tile, pick_configs
+
+
+@triton.jit
+def bwd_preprocess_kernel(
+    Out, dOut, Lse, dLse, Delta, LseLog2,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    H, Lq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """Grid (cdiv(Lq, BLOCK_M), B * H)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(dOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    row = pid_bh.to(tl.int64) * Lq + offs_m
+    row_ok = offs_m < Lq
+    if HAS_DLSE:
+        # d lse_i / d s_ij = p_ij, so a gradient on lse enters exactly as -delta does.
+        delta -= tl.load(dLse + row, mask=row_ok, other=0.0)
+    lse = tl.load(Lse + row, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_C)
+    tl.store(Delta + row, delta, mask=row_ok)
+    tl.store(LseLog2 + row, lse2, mask=row_ok)
+
+
+@triton.jit
+def accumulate_dkdv(
+    dk, dv, k, v,
+    Q, dO, LseLog2, Delta, stride_qm, stride_qd, stride_dom, stride_dod,
+    q_start, q_end, Lq, key_cols, key_ok, query_shift,
+    seed, drop_counter_base, drop_groups_per_row, drop_col_start, keep_threshold, dropout_scale,
+    qk_scale,
+    offs_d, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dK, dV of one key tile (BLOCK_N keys) over the query blocks [q_start, q_end).
+
+    key_ok (BLOCK_N,) masks keys out of range or padded; CAUSAL masks query i (key position
+    i + query_shift) from keys after it. Queries >= Lq load lse = +inf, so p = 0 there.
+    """
+    d_ok = offs_d < HEAD_DIM
+    for start_m in range(q_start, q_end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Lq
+        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        lse2 = tl.load(LseLog2 + offs_m, mask=m_ok, other=float("inf"))
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        p_t = tl.math.exp2(qk_t - lse2[None, :])
+        visible = key_ok[:, None]
+        if CAUSAL:
+            visible = visible & (key_cols[:, None] <= offs_m[None, :] + query_shift)
+        p_t = tl.where(visible, p_t, 0.0)
+        do = tl.load(dO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            row_counter = drop_counter_base + offs_m.to(tl.int64) * drop_groups_per_row
+            keep_t = tl.trans(dropout_keep_tile(seed, row_counter, drop_col_start, keep_threshold, BLOCK_N))
+            p_kept = tl.where(keep_t, p_t * dropout_scale, 0.0)
+            dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
+        else:
+            p_kept = p_t
+        dv = tl.dot(p_kept.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        delta = tl.load(Delta + offs_m, mask=m_ok, other=0.0)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def accumulate_dq(
+    dq, q, do, lse2, delta,
+    K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+    key_start, key_end, n_keys,
+    query_pos, key_valid_ptr, stride_valid_n,
+    seed, drop_row_counter, drop_col_base, keep_threshold, dropout_scale,
+    qk_scale,
+    offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHECK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ of one query tile over the key blocks [key_start, key_end) of one range (unscaled)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(key_start, key_end, BLOCK_N):
+        cols = start_n + offs_n
+        if CHECK_BOUNDS:
+            load_mask = (cols[:, None] < n_keys) & d_ok[None, :]
+        else:
+            load_mask = d_ok[None, :]
+        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=load_mask, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=load_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.math.exp2(qk - lse2[:, None])
+        if CHECK_BOUNDS or CAUSAL or HAS_KEY_MASK:
+            visible = tl.full((1, BLOCK_N), 1, tl.int1)
+            if CHECK_BOUNDS:
+                visible = visible & (cols[None, :] < n_keys)
+            if HAS_KEY_MASK:
+                key_ok = tl.load(key_valid_ptr + cols * stride_valid_n, mask=cols < n_keys, other=0)
+                visible = visible & (key_ok[None, :] != 0)
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= query_pos[:, None])
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = dropout_keep_tile(seed, drop_row_counter, drop_col_base + start_n, keep_threshold, BLOCK_N)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+# (BLOCK_M1, BLOCK_N1) tile the dK/dV part, (BLOCK_M2, BLOCK_N2) the dQ part; BLOCK_N1 ==
+# BLOCK_M2 so that program j owns key block j and query block j.
+BWD_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64}, num_warps=4, num_stages=2),
+]
+BWD_INTERPRETER_CONFIG = triton.Config(
+    {"BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16}, num_warps=4, num_stages=1)
+
+
+def _arg(named_args, kwargs, name):
+    return kwargs[name] if name in kwargs else named_args[name]
+
+
+def prune_bwd_configs(configs, named_args, **kwargs):
+    """Large tiles only for head dims up to 64 (register budget of the dK, dV accumulators)."""
+    if _arg(named_args, kwargs, "BLOCK_D") > 64:
+        kept = [c for c in configs if c.kwargs["BLOCK_N1"] <= 64 or c.num_warps == 8]
+        return kept or configs[:1]
+    return configs
+
+
+@triton.autotune(
+    configs=pick_configs(BWD_GPU_CONFIGS, BWD_INTERPRETER_CONFIG),
+    key=["TUNE_LQ", "TUNE_LK", "BLOCK_D", "BLOCK_P", "CAUSAL", "HAS_KEY_MASK", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": prune_bwd_configs},
+)
+@triton.jit
+def bwd_seq_kernel(
+    Q, K, V, PK, PV, PREFIX_IDX, PREFIX_LENS, KEY_MASK, RNG,
+    dOut, LseLog2, Delta, dQ, dK, dV,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_pkt, stride_pkp, stride_pkh, stride_pkd,
+    stride_pvt, stride_pvp, stride_pvh, stride_pvd,
+    stride_dob, stride_dom, stride_doh, stride_dod,
+    stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+    stride_maskb, stride_maskn,
+    H, Lq, Lk, P, drop_groups_per_row, keep_threshold,
+    qk_scale, softmax_scale, dropout_scale,
+    TUNE_LQ, TUNE_LK,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, HAS_BANK: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+):
+    """Grid (max(cdiv(Lk, BLOCK_N1), cdiv(Lq, BLOCK_M2)), B * H)."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    query_shift = Lk - Lq  # query i sits at key position i + query_shift
+
+    Qb = Q + b * stride_qb + h * stride_qh
+    dOb = dOut + b * stride_dob + h * stride_doh
+    row0 = pid_bh.to(tl.int64) * Lq
+    mask_row = KEY_MASK + b * stride_maskb
+    seed = 0
+    drop_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        drop_offset = tl.load(RNG + 1)
+    drop_counter_base = drop_offset + row0 * drop_groups_per_row
+    seq_col_base = (P + 3) // 4 * 4
+
+    # ---- dK, dV of key block pid (sequence keys only; the prefix's are reduced elsewhere) ----
+    n_start = pid * BLOCK_N1
+    if n_start < Lk:
+        key_cols = n_start + tl.arange(0, BLOCK_N1)
+        key_in = key_cols < Lk
+        key_ok = key_in
+        if HAS_KEY_MASK:
+            key_ok = key_ok & (tl.load(mask_row + key_cols * stride_maskn, mask=key_in, other=0) != 0)
+        kv_mask = key_in[:, None] & d_ok[None, :]
+        k = tl.load(K + b * stride_kb + h * stride_kh + key_cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + key_cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=kv_mask, other=0.0)
+        dk = tl.zeros((BLOCK_N1, BLOCK_D), tl.float32)
+        dv = tl.zeros((BLOCK_N1, BLOCK_D), tl.float32)
+        if CAUSAL:
+            # Queries before n_start - shift see none of these keys; from diag_end on they see all.
+            q_first = tl.maximum(n_start - query_shift, 0) // BLOCK_M1 * BLOCK_M1
+            diag_end = tl.minimum(tl.maximum(n_start + BLOCK_N1 - query_shift, 0), Lq)
+            diag_end = (diag_end + BLOCK_M1 - 1) // BLOCK_M1 * BLOCK_M1
+            dk, dv = accumulate_dkdv(
+                dk, dv, k, v, Qb, dOb, LseLog2 + row0, Delta + row0, stride_qm, stride_qd, stride_dom, stride_dod,
+                q_first, diag_end, Lq, key_cols, key_ok, query_shift,
+                seed, drop_counter_base, drop_groups_per_row, seq_col_base + n_start, keep_threshold, dropout_scale,
+                qk_scale, offs_d, HEAD_DIM, BLOCK_M1, BLOCK_N1, True, HAS_DROPOUT, DOT_PRECISION,
+            )
+            q_rest = diag_end
+        else:
+            q_rest = 0
+        dk, dv = accumulate_dkdv(
+            dk, dv, k, v, Qb, dOb, LseLog2 + row0, Delta + row0, stride_qm, stride_qd, stride_dom, stride_dod,
+            q_rest, Lq, Lq, key_cols, key_ok, query_shift,
+            seed, drop_counter_base, drop_groups_per_row, seq_col_base + n_start, keep_threshold, dropout_scale,
+            qk_scale, offs_d, HEAD_DIM, BLOCK_M1, BLOCK_N1, False, HAS_DROPOUT, DOT_PRECISION,
+        )
+        dk = dk * softmax_scale
+        tl.store(dK + b * stride_dkb + h * stride_dkh + key_cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+                 dk.to(dK.dtype.element_ty), mask=kv_mask)
+        tl.store(dV + b * stride_dvb + h * stride_dvh + key_cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+                 dv.to(dV.dtype.element_ty), mask=kv_mask)
+
+    # ---- dQ of query block pid: over the prefix slots, then the sequence keys ----
+    m_start = pid * BLOCK_M2
+    if m_start < Lq:
+        offs_m = m_start + tl.arange(0, BLOCK_M2)
+        m_ok = offs_m < Lq
+        qd_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Qb + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+        do = tl.load(dOb + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
+        lse2 = tl.load(LseLog2 + row0 + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(Delta + row0 + offs_m, mask=m_ok, other=0.0)
+        drop_row_counter = drop_counter_base + offs_m.to(tl.int64) * drop_groups_per_row
+        query_pos = offs_m + query_shift
+        dq = tl.zeros((BLOCK_M2, BLOCK_D), tl.float32)
+        if HAS_PREFIX:
+            task = 0
+            if HAS_BANK:
+                task = tl.load(PREFIX_IDX + b).to(tl.int64)
+            n_prefix = P
+            if HAS_PREFIX_LENS:
+                n_prefix = tl.load(PREFIX_LENS + task).to(tl.int32)
+            PKt = PK + task * stride_pkt + h * stride_pkh
+            PVt = PV + task * stride_pvt + h * stride_pvh
+            p_full_end = n_prefix // BLOCK_P * BLOCK_P
+            dq = accumulate_dq(
+                dq, q, do, lse2, delta, PKt, PVt, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
+                0, p_full_end, n_prefix, query_pos, KEY_MASK, 0,
+                seed, drop_row_counter, 0, keep_threshold, dropout_scale, qk_scale,
+                offs_d, HEAD_DIM, BLOCK_P, False, False, False, HAS_DROPOUT, DOT_PRECISION,
+            )
+            dq = accumulate_dq(
+                dq, q, do, lse2, delta, PKt, PVt, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
+                p_full_end, n_prefix, n_prefix, query_pos, KEY_MASK, 0,
+                seed, drop_row_counter, 0, keep_threshold, dropout_scale, qk_scale,
+                offs_d, HEAD_DIM, BLOCK_P, True, False, False, HAS_DROPOUT, DOT_PRECISION,
+            )
+        Kb = K + b * stride_kb + h * stride_kh
+        Vb = V + b * stride_vb + h * stride_vh
+        if CAUSAL:
+            first_pos = m_start + query_shift
+            full_end = tl.minimum(first_pos + 1, Lk) // BLOCK_N2 * BLOCK_N2
+            diag_end = tl.minimum(first_pos + BLOCK_M2, Lk)
+        else:
+            full_end = Lk // BLOCK_N2 * BLOCK_N2
+            diag_end = Lk
+        dq = accumulate_dq(
+            dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd,
+            0, full_end, Lk, query_pos, mask_row, stride_maskn,
+            seed, drop_row_counter, seq_col_base, keep_threshold, dropout_scale, qk_scale,
+            offs_d, HEAD_DIM, BLOCK_N2, False, False, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION,
+        )
+        dq = accumulate_dq(
+            dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd,
+            full_end, diag_end, Lk, query_pos, mask_row, stride_maskn,
+            seed, drop_row_counter, seq_col_base, keep_threshold, dropout_scale, qk_scale,
+            offs_d, HEAD_DIM, BLOCK_N2, True, CAUSAL, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION,
+        )
+        dq = dq * softmax_scale
+        tl.store(dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+                 dq.to(dQ.dtype.element_ty), mask=qd_mask)

@@ -1,0 +1,201 @@
+"""Forward kernel of prefix attention: one online-softmax pass over [prefix slots; own keys].
+
+Every query row reads its task's prefix block (shared by the batch) and then its own sequence's
+keys where they lie in memory; the concatenation is never built. Scores are scaled by
+softmax_scale * log2(e) so that the softmax runs on exp2; the running max m, sum l and the
+accumulator stay in fp32.
+"""
+import triton
+import triton.language as tl
+
+from csrc_triton.common import LN2_C, dropout_keep_tile, pick_configs
+
+
+@triton.jit
+def attend_key_range(
+    acc, l_i, m_i, q,
+    K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+    key_start, key_end, n_keys,
+    query_pos, key_valid_ptr, stride_valid_n,
+    seed, drop_row_counter, drop_col_base, keep_threshold,
+    qk_scale,
+    offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHECK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over the key blocks [key_start, key_end) of one range (prefix or sequence).
+
+    CHECK_BOUNDS masks keys >= n_keys (ragged tail); CAUSAL masks key j > query_pos[i];
+    HAS_KEY_MASK reads the per-key padding mask. Fully visible blocks run with all three off.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(key_start, key_end, BLOCK_N):
+        cols = start_n + offs_n
+        if CHECK_BOUNDS:
+            load_mask = (cols[:, None] < n_keys) & d_ok[None, :]
+        else:
+            load_mask = d_ok[None, :]
+        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=load_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if CHECK_BOUNDS or CAUSAL or HAS_KEY_MASK:
+            visible = tl.full((1, BLOCK_N), 1, tl.int1)
+            if CHECK_BOUNDS:
+                visible = visible & (cols[None, :] < n_keys)
+            if HAS_KEY_MASK:
+                key_ok = tl.load(key_valid_ptr + cols * stride_valid_n, mask=cols < n_keys, other=0)
+                visible = visible & (key_ok[None, :] != 0)
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= query_pos[:, None])
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so that
+        # exp2 gives 0 rather than NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = dropout_keep_tile(seed, drop_row_counter, drop_col_base + start_n, keep_threshold, BLOCK_N)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=load_mask, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# Named configs (BLOCK_M, BLOCK_N, num_warps, num_stages). Hopper and Ampere both take 128-row
+# query tiles; 64-wide key tiles keep the fp32 score tile in registers at head dim 128.
+FWD_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+]
+FWD_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+
+
+def prune_fwd_configs(configs, named_args, **kwargs):
+    """Drop tiles taller than the query length bucket (decode-like calls) and too-wide key tiles."""
+    lq = named_args["TUNE_LQ"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(lq, 64)]
+    if kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64)) > 64:
+        kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 64] or kept
+    return kept or configs[:1]
+
+
+@triton.autotune(
+    configs=pick_configs(FWD_GPU_CONFIGS, FWD_INTERPRETER_CONFIG),
+    key=["TUNE_LQ", "TUNE_LK", "BLOCK_D", "BLOCK_P", "CAUSAL", "HAS_KEY_MASK", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": prune_fwd_configs},
+)
+@triton.jit
+def prefix_attn_fwd_kernel(
+    Q, K, V, PK, PV, PREFIX_IDX, PREFIX_LENS, KEY_MASK, RNG, Out, Lse,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_pkt, stride_pkp, stride_pkh, stride_pkd,
+    stride_pvt, stride_pvp, stride_pvh, stride_pvd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_maskb, stride_maskn,
+    H, Lq, Lk, P, drop_groups_per_row, keep_threshold,
+    qk_scale, dropout_scale,
+    TUNE_LQ, TUNE_LK,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, HAS_BANK: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(Lq, BLOCK_M), B * H). Writes Out (B, Lq, H, D) and Lse (B, H, Lq) natural log."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Lq
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+
+    seed = 0
+    drop_row_counter = offs_m.to(tl.int64)
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        drop_row_counter = tl.load(RNG + 1) + ((b * H + h) * Lq + offs_m) * drop_groups_per_row
+    # Dropout columns: prefix slot s is column s, own key j is column P4 + j (P rounded up to 4).
+    seq_col_base = (P + 3) // 4 * 4
+    query_pos = Lk - Lq + offs_m  # bottom-right alignment
+
+    if HAS_PREFIX:
+        task = 0
+        if HAS_BANK:
+            task = tl.load(PREFIX_IDX + b).to(tl.int64)
+        n_prefix = P
+        if HAS_PREFIX_LENS:
+            n_prefix = tl.load(PREFIX_LENS + task).to(tl.int32)
+        PKt = PK + task * stride_pkt + h * stride_pkh
+        PVt = PV + task * stride_pvt + h * stride_pvh
+        full_end = n_prefix // BLOCK_P * BLOCK_P
+        acc, l_i, m_i = attend_key_range(
+            acc, l_i, m_i, q, PKt, PVt, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
+            0, full_end, n_prefix, query_pos, KEY_MASK, 0,
+            seed, drop_row_counter, 0, keep_threshold, qk_scale,
+            offs_d, HEAD_DIM, BLOCK_D, BLOCK_P,
+            False, False, False, HAS_DROPOUT, DOT_PRECISION,
+        )
+        acc, l_i, m_i = attend_key_range(
+            acc, l_i, m_i, q, PKt, PVt, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
+            full_end, n_prefix, n_prefix, query_pos, KEY_MASK, 0,
+            seed, drop_row_counter, 0, keep_threshold, qk_scale,
+            offs_d, HEAD_DIM, BLOCK_D, BLOCK_P,
+            True, False, False, HAS_DROPOUT, DOT_PRECISION,
+        )
+
+    Kb = K + b * stride_kb + h * stride_kh
+    Vb = V + b * stride_vb + h * stride_vh
+    mask_row = KEY_MASK + b * stride_maskb
+    if CAUSAL:
+        first_pos = Lk - Lq + pid_m * BLOCK_M
+        # Blocks every row of the tile sees whole, then the diagonal blocks with the causal mask.
+        full_end = tl.minimum(first_pos + 1, Lk) // BLOCK_N * BLOCK_N
+        diag_end = tl.minimum(first_pos + BLOCK_M, Lk)
+    else:
+        full_end = Lk // BLOCK_N * BLOCK_N
+        diag_end = Lk
+    acc, l_i, m_i = attend_key_range(
+        acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd,
+        0, full_end, Lk, query_pos, mask_row, stride_maskn,
+        seed, drop_row_counter, seq_col_base, keep_threshold, qk_scale,
+        offs_d, HEAD_DIM, BLOCK_D, BLOCK_N,
+        False, False, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION,
+    )
+    acc, l_i, m_i = attend_key_range(
+        acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd,
+        full_end, diag_end, Lk, query_pos, mask_row, stride_maskn,
+        seed, drop_row_counter, seq_col_base, keep_threshold, qk_scale,
+        offs_d, HEAD_DIM, BLOCK_D, BLOCK_N,
+        True, CAUSAL, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION,
+    )
+
+    # A row that sees nothing (all keys masked, no prefix) returns zeros and lse = -inf.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc * (dropout_scale / l_safe)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2_C)
+    tl.store(
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :],
+    )
+    tl.store(Lse + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)

@@ -1,0 +1,77 @@
+"""The public op: prefix_attn_func."""
+from typing import Optional, Union
+
+import torch
+
+from prefix_attn import ops
+from prefix_attn.backend import resolve_backend
+from prefix_attn.checks import check_attention_inputs, default_scale
+
+
+def prefix_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: Optional[torch.Tensor] = None,
+    prefix_v: Optional[torch.Tensor] = None,
+    *,
+    prefix_idx: Optional[torch.Tensor] = None,
+    prefix_lens: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    deterministic: bool = True,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Attention over [shared prefix slots; the sequence's own keys], without building the concatenation.
+
+    Every query attends to the P prefix key/value slots of its task (prefix tuning's per-layer
+    prefix, shared by the batch) and to its own sequence's keys. Neither the batch-expanded prefix
+    nor [prefix; keys] is ever materialised, forward or backward; the gradient of the prefix is
+    reduced over the batch (per task for a bank) inside the op.
+
+    Args:
+        q: (batch, seqlen_q, heads, head_dim). Query i sits at key position seqlen_k - seqlen_q + i
+            (bottom-right alignment: training, prefill and decoding with a cache alike).
+        k, v: (batch, seqlen_k, heads, head_dim), seqlen_q <= seqlen_k.
+        prefix_k, prefix_v: None (plain attention), (P, heads, head_dim) shared by the batch, or a
+            bank (T, P, heads, head_dim) of T task prefixes.
+        prefix_idx: (batch,) integer, each sequence's task in the bank (required with a bank).
+        prefix_lens: (T,) integer, optional: task t uses only its first prefix_lens[t] slots
+            ((1,) for a shared prefix).
+        attention_mask: (batch, seqlen_k) bool or integer 0/1: which of the sequence's keys may
+            be attended (left or right padding, holes). Prefix slots are visible to every query.
+        causal: mask key j > seqlen_k - seqlen_q + i for query i. Never applied to prefix slots.
+        softmax_scale: defaults to 1 / sqrt(head_dim).
+        dropout_p: attention dropout on the probabilities (as GPT-2 applies it in training). The
+            mask is drawn from torch's generator (seeded by torch.manual_seed) and regenerated
+            bit for bit in backward; see prefix_attn.dropout.
+        deterministic: gradients are bitwise equal run after run. The prefix reduction has no
+            atomics in either mode, so False gives the same deterministic path.
+        return_lse: also return lse.
+        backend: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "torch" (pure
+            PyTorch, differentiable, for CPU), or "auto" (triton on CUDA, torch otherwise;
+            $PREFIX_ATTN_BACKEND overrides it).
+
+    Returns:
+        out (batch, seqlen_q, heads, head_dim) in q's dtype; with return_lse=True also
+        lse (batch, heads, seqlen_q) float32, natural log. A row that sees nothing (all keys masked,
+        no prefix) gives zeros and lse = -inf, never NaN, forward or backward.
+
+    dtypes float16, bfloat16, float32; head_dim 16..128 (any, e.g. 40, 80, 96); any strides.
+    Differentiable in q, k, v, prefix_k and prefix_v. Bad input raises ValueError or TypeError
+    naming the argument.
+    """
+    dims = check_attention_inputs(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
+                                  dropout_p, softmax_scale)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    chosen = resolve_backend(backend, q.device)
+    if not dims.has_prefix:  # P = 0 is plain attention
+        prefix_k = prefix_v = prefix_idx = prefix_lens = None
+    out, lse, _ = ops.attention(
+        q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, bool(causal),
+        default_scale(dims.head_dim, softmax_scale), float(dropout_p), chosen)
+    return (out, lse) if return_lse else out

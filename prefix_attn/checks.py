@@ -1,0 +1,191 @@
+"""Input checks shared by the public op, the launchers and the reference.
+
+Every error names the argument at fault. ``check_attention_inputs`` reads only metadata (shapes,
+dtypes, devices), so it also runs while torch.compile traces; ``check_prefix_values`` reads the
+integer tensors' values and runs where the op really executes.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM = 16
+MAX_HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class AttnDims:
+    """Sizes of one call: q (B, Lq, H, D), k/v (B, Lk, H, D), prefix (T, P, H, D)."""
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads: int
+    head_dim: int
+    num_tasks: int  # 0 without a prefix, 1 for a shared (P, H, D) prefix, T for a bank
+    prefix_len: int  # P (0 without a prefix)
+    is_bank: bool
+
+    @property
+    def has_prefix(self) -> bool:
+        return self.prefix_len > 0
+
+
+def _dtype_names(dtypes):
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def _check_tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_float(name, x, allowed):
+    _check_tensor(name, x)
+    if x.dtype not in allowed:
+        raise TypeError(f"{name} has dtype {x.dtype}; supported dtypes are {_dtype_names(allowed)}")
+
+
+def _check_integer(name, x):
+    _check_tensor(name, x)
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+
+
+def check_attention_inputs(
+    q, k, v, prefix_k=None, prefix_v=None, prefix_idx=None, prefix_lens=None, attention_mask=None,
+    dropout_p=0.0, softmax_scale=None, allowed_dtypes=SUPPORTED_DTYPES,
+) -> AttnDims:
+    """Validate one call's arguments against the contract; return its sizes.
+
+    Raises TypeError for a wrong type or dtype and ValueError for a wrong shape, device or value.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, x, allowed_dtypes)
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seqlen, heads, head_dim), got shape {tuple(x.shape)}")
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    for name, x in (("k", k),):
+        if x.shape[0] != B:
+            raise ValueError(f"{name} has batch {x.shape[0]} but q has batch {B}")
+        if x.shape[2] != H:
+            raise ValueError(f"{name} has {x.shape[2]} heads but q has {H}")
+        if x.shape[3] != D:
+            raise ValueError(f"{name} has head_dim {x.shape[3]} but q has {D}")
+    if Lq > Lk:
+        raise ValueError(f"q has seqlen {Lq} > k seqlen {Lk}: queries must be the last Lq of the Lk positions")
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {D} of q is not supported: it must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}: mixed dtypes are not supported")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+
+    num_tasks, prefix_len, is_bank = 0, 0, False
+    if (prefix_k is None) != (prefix_v is None):
+        given = "prefix_k" if prefix_v is None else "prefix_v"
+        missing = "prefix_v" if prefix_v is None else "prefix_k"
+        raise ValueError(f"{given} was given without {missing}: pass both or neither")
+    if prefix_k is not None:
+        for name, x in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+            _check_float(name, x, allowed_dtypes)
+            if x.dim() not in (3, 4):
+                raise ValueError(f"{name} must be (P, heads, head_dim) or a bank (T, P, heads, head_dim), "
+                                 f"got shape {tuple(x.shape)}")
+            if x.dtype != q.dtype:
+                raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}: mixed dtypes are not supported")
+            if x.device != q.device:
+                raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+        if prefix_k.shape != prefix_v.shape:
+            raise ValueError(f"prefix_k and prefix_v must have the same shape, got {tuple(prefix_k.shape)} "
+                             f"and {tuple(prefix_v.shape)}")
+        if prefix_k.shape[-2] != H:
+            raise ValueError(f"prefix_k has {prefix_k.shape[-2]} heads but q has {H}")
+        if prefix_k.shape[-1] != D:
+            raise ValueError(f"prefix_k has head_dim {prefix_k.shape[-1]} but q has {D}")
+        is_bank = prefix_k.dim() == 4
+        num_tasks = prefix_k.shape[0] if is_bank else 1
+        prefix_len = prefix_k.shape[-3]
+        if is_bank and prefix_idx is None:
+            raise ValueError("prefix_k is a bank (T, P, heads, head_dim): prefix_idx (batch,) must name each "
+                             "sequence's task")
+        if is_bank and num_tasks == 0:
+            raise ValueError("prefix_k is a bank with 0 tasks")
+    if prefix_idx is not None:
+        if prefix_k is None or not is_bank:
+            raise ValueError("prefix_idx needs a prefix bank: prefix_k of shape (T, P, heads, head_dim)")
+        _check_integer("prefix_idx", prefix_idx)
+        if prefix_idx.shape != (B,):
+            raise ValueError(f"prefix_idx must have shape (batch,) = ({B},), got {tuple(prefix_idx.shape)}")
+        if prefix_idx.device != q.device:
+            raise ValueError(f"prefix_idx is on {prefix_idx.device} but q is on {q.device}")
+    if prefix_lens is not None:
+        if prefix_k is None:
+            raise ValueError("prefix_lens was given without prefix_k/prefix_v")
+        _check_integer("prefix_lens", prefix_lens)
+        if prefix_lens.shape != (num_tasks,):
+            raise ValueError(f"prefix_lens must have shape (T,) = ({num_tasks},), got {tuple(prefix_lens.shape)}")
+        if prefix_lens.device != q.device:
+            raise ValueError(f"prefix_lens is on {prefix_lens.device} but q is on {q.device}")
+    if attention_mask is not None:
+        _check_tensor("attention_mask", attention_mask)
+        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+            raise TypeError(f"attention_mask must be bool or an integer 0/1 tensor, got dtype "
+                            f"{attention_mask.dtype} (additive float masks are not supported)")
+        if attention_mask.shape != (B, Lk):
+            raise ValueError(f"attention_mask must have shape (batch, seqlen_k) = ({B}, {Lk}), "
+                             f"got {tuple(attention_mask.shape)}")
+        if attention_mask.device != q.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but q is on {q.device}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        if not math.isfinite(softmax_scale):
+            raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    return AttnDims(B, Lq, Lk, H, D, num_tasks, prefix_len, is_bank)
+
+
+def _graph_capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def check_prefix_values(prefix_idx: Optional[torch.Tensor], prefix_lens: Optional[torch.Tensor],
+                        dims: AttnDims) -> None:
+    """Range checks of prefix_idx and prefix_lens (reads their values: one sync on CUDA).
+
+    Skipped while a CUDA graph is being captured, where reading values is not allowed; the same
+    tensors were checked by the eager warm-up call that capture requires.
+    """
+    for name, x, hi in (("prefix_idx", prefix_idx, dims.num_tasks - 1), ("prefix_lens", prefix_lens, dims.prefix_len)):
+        if x is None or x.numel() == 0 or _graph_capturing(x.device):
+            continue
+        lo_val, hi_val = torch.aminmax(x)
+        lo_val, hi_val = int(lo_val), int(hi_val)
+        if lo_val < 0 or hi_val > hi:
+            what = f"tasks 0..{hi} of the bank" if name == "prefix_idx" else f"0..P = 0..{hi} prefix slots"
+            raise ValueError(f"{name} has values in [{lo_val}, {hi_val}], outside {what}")
+
+
+def default_scale(head_dim: int, softmax_scale: Optional[float]) -> float:
+    return 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+
+
+def check_row_offsets_fit_int32(**tensors) -> None:
+    """The kernels index within one (batch, head) row in int32: check that this cannot overflow."""
+    for name, x in tensors.items():
+        if x is None or x.numel() == 0:
+            continue
+        span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[-3:], x.stride()[-3:]))
+        if span >= 2**31:
+            raise ValueError(f"{name} spans {span} elements within one batch entry, more than int32 offsets "
+                             f"allow; split the call along the sequence")

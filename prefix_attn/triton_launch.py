@@ -1,0 +1,270 @@
+"""Launchers of the Triton kernels: validate, allocate, launch. Nothing here computes attention.
+
+Tensors follow the contract (batch, seqlen, heads, head_dim) with any strides; nothing is copied.
+"""
+import functools
+from typing import Optional
+
+import torch
+
+from csrc_triton.attn_bwd import bwd_preprocess_kernel, bwd_seq_kernel
+from csrc_triton.attn_fwd import prefix_attn_fwd_kernel
+from csrc_triton.common import INTERPRET, LOG2E
+from csrc_triton.dropout_mask import dropout_mask_kernel
+from csrc_triton.prefix_grad import prefix_grad_partial_kernel, prefix_grad_reduce_kernel
+from prefix_attn.checks import (
+    AttnDims, check_attention_inputs, check_prefix_values, check_row_offsets_fit_int32, default_scale,
+)
+from prefix_attn.dropout import groups_per_row, keep_threshold
+
+# Query rows per item of the prefix-gradient reduction, and rows per preprocess program.
+PREFIX_GRAD_BLOCK_M = 16 if INTERPRET else 64
+PREPROCESS_BLOCK_M = 16 if INTERPRET else 128
+# Programs per SM the prefix-gradient stage aims for.
+PREFIX_GRAD_WAVES = 4
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def check_triton_device(device: torch.device) -> None:
+    if device.type != "cuda" and not INTERPRET:
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got tensors on {device}); for CPU tensors set "
+            "TRITON_INTERPRET=1 before importing prefix_attn, or use backend='torch'")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device; 2 under the interpreter (small, but several pieces)."""
+    if device.type != "cuda":
+        return 2
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's own matmul setting: exact unless the user allowed tf32.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
+        return "tf32"
+    return "ieee"
+
+
+def _as_bank(prefix: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if prefix is None else (prefix if prefix.dim() == 4 else prefix.unsqueeze(0))
+
+
+def _mask_arg(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # Triton loads bool as int1 awkwardly; a uint8 view of the same bytes costs nothing.
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        return attention_mask.view(torch.uint8)
+    return attention_mask
+
+
+def _block_p(prefix_len: int) -> int:
+    """Prefix tile: as small as the prefix (>= 16, the smallest tensor-core tile), at most 64."""
+    if INTERPRET:
+        return 16
+    return min(64, max(16, _next_pow2(prefix_len)))
+
+
+def _tune_bucket(n: int) -> int:
+    # Autotune once per power-of-two bucket of the sequence length, not per exact length.
+    return max(16, _next_pow2(n))
+
+
+def _strides4(x: Optional[torch.Tensor]):
+    return (0, 0, 0, 0) if x is None else tuple(x.stride())
+
+
+def _launch_common(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
+                   dropout_p, rng_state, dims: AttnDims):
+    """Arguments every attention kernel takes in the same order, and its constexprs."""
+    pk, pv = _as_bank(prefix_k), _as_bank(prefix_v)
+    mask = _mask_arg(attention_mask)
+    dummy = q  # stands for absent optional tensors; never read by the kernels
+    P = dims.prefix_len
+    scale = default_scale(dims.head_dim, softmax_scale)
+    has_dropout = dropout_p > 0.0
+    pointers = (
+        q, k, v, pk if dims.has_prefix else dummy, pv if dims.has_prefix else dummy,
+        prefix_idx if prefix_idx is not None else dummy,
+        prefix_lens if prefix_lens is not None else dummy,
+        mask if mask is not None else dummy,
+        rng_state if has_dropout else dummy,
+    )
+    strides = (*q.stride(), *k.stride(), *v.stride(), *_strides4(pk), *_strides4(pv))
+    mask_strides = tuple(mask.stride()) if mask is not None else (0, 0)
+    sizes = (dims.heads, dims.seqlen_q, dims.seqlen_k, P, groups_per_row(P, dims.seqlen_k),
+             keep_threshold(dropout_p))
+    constexprs = dict(
+        HEAD_DIM=dims.head_dim, BLOCK_D=max(16, _next_pow2(dims.head_dim)), BLOCK_P=_block_p(P),
+        HAS_PREFIX=dims.has_prefix, HAS_BANK=dims.is_bank and dims.has_prefix,
+        HAS_PREFIX_LENS=prefix_lens is not None and dims.has_prefix,
+        HAS_KEY_MASK=mask is not None, CAUSAL=bool(causal), HAS_DROPOUT=has_dropout,
+        DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    tune = (_tune_bucket(dims.seqlen_q), _tune_bucket(dims.seqlen_k))
+    return pointers, strides, mask_strides, sizes, scale, constexprs, tune
+
+
+def validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p,
+             softmax_scale) -> AttnDims:
+    """Everything the kernels rely on, checked before any launch."""
+    dims = check_attention_inputs(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
+                                  dropout_p, softmax_scale)
+    check_triton_device(q.device)
+    check_prefix_values(prefix_idx, prefix_lens, dims)
+    check_row_offsets_fit_int32(q=q, k=k, v=v, prefix_k=_as_bank(prefix_k), prefix_v=_as_bank(prefix_v))
+    return dims
+
+
+def prefix_attn_fwd(q, k, v, prefix_k=None, prefix_v=None, prefix_idx=None, prefix_lens=None,
+                    attention_mask=None, causal=True, softmax_scale=None, dropout_p=0.0, rng_state=None):
+    """Forward launcher. Returns out (B, Lq, H, D) in q's dtype and lse (B, H, Lq) fp32 (natural log).
+
+    rng_state: (2,) int64 [seed, offset] on q's device, required when dropout_p > 0.
+    """
+    dims = validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale)
+    if dropout_p > 0.0 and (rng_state is None or rng_state.shape != (2,)):
+        raise ValueError("rng_state must be a (2,) int64 tensor [seed, offset] when dropout_p > 0")
+    B, Lq, H, D = q.shape
+    out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    pointers, strides, mask_strides, sizes, scale, cx, tune = _launch_common(
+        q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
+        dropout_p, rng_state, dims)
+    grid = lambda meta: (_cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    prefix_attn_fwd_kernel[grid](
+        *pointers, out, lse, *strides, *out.stride(), *mask_strides, *sizes,
+        scale * LOG2E, 1.0 / (1.0 - dropout_p), *tune, **cx,
+    )
+    return out, lse
+
+
+def _prefix_grad_plan(dims: AttnDims, prefix_idx, device, block_m: int, block_p: int, items_per_piece=None):
+    """Split of the prefix-gradient work (sequence row, query block) into pieces, one task each."""
+    n_query_blocks = _cdiv(dims.seqlen_q, block_m)
+    n_items = dims.batch * n_query_blocks
+    n_pblocks = _cdiv(dims.prefix_len, block_p)
+    if items_per_piece is None:
+        target_pieces = max(1, _cdiv(PREFIX_GRAD_WAVES * num_sms(device), n_pblocks * dims.heads))
+        items_per_piece = max(1, _cdiv(n_items, target_pieces))
+    if not dims.is_bank:
+        return n_query_blocks, items_per_piece, _cdiv(n_items, items_per_piece), None
+    T = dims.num_tasks
+    idx = prefix_idx.to(torch.int64)
+    row_order = torch.argsort(idx, stable=True)
+    counts = torch.bincount(idx, minlength=T)
+    zero = torch.zeros(1, dtype=torch.int64, device=device)
+    task_row_start = torch.cat([zero, torch.cumsum(counts, 0)])
+    pieces = (counts * n_query_blocks + items_per_piece - 1) // items_per_piece
+    task_piece_start = torch.cat([zero, torch.cumsum(pieces, 0)])
+    # Upper bound without reading the counts: sum of ceils <= total / size + tasks present.
+    n_pieces = _cdiv(n_items, items_per_piece) + min(T, dims.batch)
+    piece_ids = torch.arange(n_pieces, device=device, dtype=torch.int64)
+    piece_task = torch.searchsorted(task_piece_start[1:], piece_ids, right=True)
+    piece_task = torch.where(piece_task < T, piece_task, torch.full_like(piece_task, -1))
+    tables = (row_order, task_row_start, task_piece_start, piece_task)
+    return n_query_blocks, items_per_piece, n_pieces, tables
+
+
+def prefix_attn_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, out, lse,
+                    causal=True, softmax_scale=None, dropout_p=0.0, rng_state=None, items_per_piece=None):
+    """Backward launcher. Returns dq, dk, dv (shapes of q, k, v) and dprefix_k, dprefix_v (shape of
+    prefix_k, or None without a prefix). The prefix gradient is reduced over the batch (per task)
+    in a fixed order, without atomics: results are bitwise repeatable.
+
+    dlse: gradient of the lse output (B, H, Lq) or None. items_per_piece overrides the split of the
+    prefix-gradient reduction (tests use it to force many pieces).
+    """
+    dims = validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale)
+    B, Lq, H, D = q.shape
+    Lk = dims.seqlen_k
+    dq = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Lk, H, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, Lk, H, D), dtype=v.dtype, device=q.device)
+    dpk = dpv = None
+    if prefix_k is not None:
+        dpk = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=q.device)
+        dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=q.device)
+    if dq.numel() == 0 or Lk == 0:  # nothing attends: every gradient is zero (or empty)
+        for g in (dq, dk, dv, dpk, dpv):
+            if g is not None:
+                g.zero_()
+        return dq, dk, dv, dpk, dpv
+
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    lse_log2 = torch.empty_like(delta)
+    cx_d = dict(HEAD_DIM=D, BLOCK_D=max(16, _next_pow2(D)))
+    bwd_preprocess_kernel[(_cdiv(Lq, PREPROCESS_BLOCK_M), B * H)](
+        out, dout, lse, dlse if dlse is not None else lse, delta, lse_log2,
+        *out.stride(), *dout.stride(), H, Lq, BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None, **cx_d,
+    )
+
+    pointers, strides, mask_strides, sizes, scale, cx, tune = _launch_common(
+        q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
+        dropout_p, rng_state, dims)
+    dropout_scale = 1.0 / (1.0 - dropout_p)
+    grid = lambda meta: (max(_cdiv(Lk, meta["BLOCK_N1"]), _cdiv(Lq, meta["BLOCK_M2"])), B * H)  # noqa: E731
+    bwd_seq_kernel[grid](
+        *pointers, dout, lse_log2, delta, dq, dk, dv,
+        *strides, *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *mask_strides, *sizes,
+        scale * LOG2E, scale, dropout_scale, *tune, **cx,
+    )
+
+    if dims.has_prefix:
+        pk, pv = _as_bank(prefix_k), _as_bank(prefix_v)
+        block_p = cx["BLOCK_P"]
+        n_qblocks, ipp, n_pieces, tables = _prefix_grad_plan(
+            dims, prefix_idx, q.device, PREFIX_GRAD_BLOCK_M, block_p, items_per_piece)
+        n_pblocks = _cdiv(dims.prefix_len, block_p)
+        p_pad = n_pblocks * block_p
+        ws_k = torch.empty((n_pieces, H, p_pad, D), dtype=torch.float32, device=q.device)
+        ws_v = torch.empty_like(ws_k)
+        tables = tables if tables is not None else (q,) * 4
+        cx_p = dict(HEAD_DIM=D, BLOCK_D=cx["BLOCK_D"], BLOCK_P=block_p, HAS_BANK=cx["HAS_BANK"])
+        prefix_grad_partial_kernel[(n_pieces, n_pblocks, H)](
+            q, pk, pv, dout, lse_log2, delta, pointers[6], pointers[8], *tables, ws_k, ws_v,
+            *q.stride(), *pk.stride(), *pv.stride(), *dout.stride(),
+            H, Lq, dims.prefix_len, p_pad, n_qblocks, ipp, B * n_qblocks, sizes[4], sizes[5],
+            scale * LOG2E, scale, dropout_scale,
+            BLOCK_M=PREFIX_GRAD_BLOCK_M, HAS_PREFIX_LENS=cx["HAS_PREFIX_LENS"], HAS_DROPOUT=cx["HAS_DROPOUT"],
+            DOT_PRECISION=cx["DOT_PRECISION"], **cx_p,
+        )
+        dpk4, dpv4 = _as_bank(dpk), _as_bank(dpv)
+        prefix_grad_reduce_kernel[(dims.num_tasks, n_pblocks, H)](
+            ws_k, ws_v, tables[2], dpk4, dpv4, *dpk4.stride(), *dpv4.stride(),
+            H, dims.prefix_len, p_pad, n_pieces, **cx_p,
+        )
+    return dq, dk, dv, dpk, dpv
+
+
+def dropout_keep_mask_triton(rng_state: torch.Tensor, batch: int, heads: int, seqlen_q: int, n_prefix: int,
+                             seqlen_k: int, dropout_p: float) -> torch.Tensor:
+    """The keep-mask (B, H, Lq, P + Lk) bool as the Triton kernels draw it (debugging and tests)."""
+    check_triton_device(rng_state.device)
+    n_rows = batch * heads * seqlen_q
+    n_cols = n_prefix + seqlen_k
+    mask = torch.zeros((n_rows, n_cols), dtype=torch.int8, device=rng_state.device)
+    block_m, block_n = 16, 64
+    cols4 = (n_prefix + 3) // 4 * 4 + seqlen_k
+    if n_rows and n_cols:
+        dropout_mask_kernel[(_cdiv(n_rows, block_m), _cdiv(cols4, block_n))](
+            rng_state, mask, n_rows, n_prefix, seqlen_k, groups_per_row(n_prefix, seqlen_k),
+            keep_threshold(dropout_p), BLOCK_M=block_m, BLOCK_N=block_n,
+        )
+    return mask.bool().reshape(batch, heads, seqlen_q, n_cols)
+
+
+__all__ = ["prefix_attn_fwd", "prefix_attn_bwd", "dropout_keep_mask_triton", "validate", "num_sms"]
