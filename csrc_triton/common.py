@@ -14,9 +14,16 @@ LOG2E_C = tl.constexpr(LOG2E)  # kernel side
 LN2_C = tl.constexpr(0.6931471805599453)
 
 
+# PREFIX_ATTN_AUTOTUNE=0 skips autotuning and runs each kernel's first (default) config: the
+# tests set it, since tuning every test shape would cost minutes of compilation.
+AUTOTUNE = os.environ.get("PREFIX_ATTN_AUTOTUNE", "1") != "0"
+
+
 def pick_configs(gpu_configs, interpreter_config):
     """The named config list for a GPU, or the single config the interpreter runs."""
-    return [interpreter_config] if INTERPRET else list(gpu_configs)
+    if INTERPRET:
+        return [interpreter_config]
+    return list(gpu_configs) if AUTOTUNE else list(gpu_configs[:1])
 
 
 @triton.jit

@@ -58,10 +58,10 @@ def attention_backward(
     causal: bool, softmax_scale: float, dropout_p: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dpk, dpv = _impl(backend).prefix_attn_bwd(
-        dout, dlse, q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, out, lse,
+        dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
         causal, softmax_scale, dropout_p, rng_state)
     if dpk is None:  # custom ops return tensors, not None
-        dpk = dpv = q.new_empty((0,))
+        dpk, dpv = q.new_empty((0,)), q.new_empty((0,))
     return dq, dk, dv, dpk, dpv
 
 

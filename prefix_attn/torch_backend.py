@@ -126,8 +126,8 @@ def prefix_attn_fwd(q, k, v, prefix_k=None, prefix_v=None, prefix_idx=None, pref
     return out.transpose(1, 2).to(q.dtype), lse
 
 
-def prefix_attn_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, out, lse,
-                    causal=True, softmax_scale=None, dropout_p=0.0, rng_state=None):
+def prefix_attn_bwd(dout, dlse, q, k, v, out, lse, prefix_k=None, prefix_v=None, prefix_idx=None, prefix_lens=None,
+                    attention_mask=None, causal=True, softmax_scale=None, dropout_p=0.0, rng_state=None):
     """Backward in PyTorch; same outputs as the Triton launcher (dq, dk, dv, dprefix_k, dprefix_v)."""
     dims, prefix, key_ok = _prepare(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
                                     dropout_p, softmax_scale)

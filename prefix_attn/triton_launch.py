@@ -179,8 +179,8 @@ def _prefix_grad_plan(dims: AttnDims, prefix_idx, device, block_m: int, block_p:
     return n_query_blocks, items_per_piece, n_pieces, tables
 
 
-def prefix_attn_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, out, lse,
-                    causal=True, softmax_scale=None, dropout_p=0.0, rng_state=None, items_per_piece=None):
+def prefix_attn_bwd(dout, dlse, q, k, v, out, lse, prefix_k=None, prefix_v=None, prefix_idx=None, prefix_lens=None,
+                    attention_mask=None, causal=True, softmax_scale=None, dropout_p=0.0, rng_state=None, items_per_piece=None):
     """Backward launcher. Returns dq, dk, dv (shapes of q, k, v) and dprefix_k, dprefix_v (shape of
     prefix_k, or None without a prefix). The prefix gradient is reduced over the batch (per task)
     in a fixed order, without atomics: results are bitwise repeatable.

@@ -1,0 +1,127 @@
+"""Case construction and the accuracy oracle shared by the tests."""
+import dataclasses
+from typing import Optional
+
+import torch
+
+from prefix_attn import prefix_attn_func
+from prefix_attn.reference import prefix_attn_ref
+from tests.conftest import DEVICE
+
+# Absolute slack on top of the oracle (2x the error of the reference run in the same dtype).
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@dataclasses.dataclass
+class Case:
+    B: int = 2
+    Lq: int = 19
+    Lk: int = 19
+    H: int = 2
+    D: int = 32
+    P: int = 0
+    T: int = 0  # 0: shared prefix (P, H, D); >0: bank of T tasks
+    causal: bool = True
+    mask: Optional[str] = None  # None, "left", "right", "holes", "empty_row"
+    prefix_lens: bool = False
+    strided: bool = False  # q, k, v as non-contiguous views, as HF hands them over
+
+    def __str__(self):
+        return "-".join(f"{k}{v}" for k, v in dataclasses.asdict(self).items())
+
+
+def make_inputs(case: Case, dtype=torch.float32, device=DEVICE, requires_grad=True, scale=1.0):
+    g = torch.Generator(device="cpu").manual_seed(hash(str(case)) % 2**31)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    B, Lq, Lk, H, D = case.B, case.Lq, case.Lk, case.H, case.D
+    if case.strided:
+        # A fused (B, L, 3, H, D) projection as GPT-2 produces it: views with a 3*H*D row stride.
+        qkv_q = rand(B, Lq, 3, H, D)
+        qkv_k = rand(B, Lk, 3, H, D)
+        q, k, v = qkv_q[:, :, 0], qkv_k[:, :, 1], qkv_k[:, :, 2]
+    else:
+        q, k, v = rand(B, Lq, H, D), rand(B, Lk, H, D), rand(B, Lk, H, D)
+    tensors = {"q": q, "k": k, "v": v}
+    kwargs = {"causal": case.causal}
+    if case.P or case.T:
+        shape = (case.T, case.P, H, D) if case.T else (case.P, H, D)
+        tensors["prefix_k"], tensors["prefix_v"] = rand(*shape), rand(*shape)
+        if case.T:
+            kwargs["prefix_idx"] = torch.randint(0, case.T, (B,), generator=g).to(device)
+        if case.prefix_lens:
+            n = max(case.T, 1)
+            kwargs["prefix_lens"] = torch.randint(0, case.P + 1, (n,), generator=g).to(device)
+    if case.mask:
+        mask = torch.ones(B, Lk, dtype=torch.bool)
+        if case.mask == "left":
+            for b in range(B):
+                mask[b, : int(torch.randint(0, Lk // 2 + 1, (1,), generator=g))] = False
+        elif case.mask == "right":
+            for b in range(B):
+                mask[b, Lk - int(torch.randint(0, Lk // 2 + 1, (1,), generator=g)):] = False
+        elif case.mask == "holes":
+            mask = torch.rand(B, Lk, generator=g) > 0.3
+        elif case.mask == "empty_row":
+            mask[0] = False
+        kwargs["attention_mask"] = mask.to(device)
+    if requires_grad:
+        for t in tensors.values():
+            t.requires_grad_(True)
+    return tensors, kwargs
+
+
+def _grad_inputs(tensors):
+    return [t for t in tensors.values()]
+
+
+def run_op(fn, tensors, kwargs, dout, dlse=None):
+    """out, lse and the gradients of every input for loss = <out, dout> (+ <lse, dlse>)."""
+    out, lse = fn(**tensors, **kwargs, return_lse=True)
+    loss = (out.float() * dout.float()).sum()
+    if dlse is not None:
+        loss = loss + (torch.where(torch.isneginf(lse), 0.0, lse).float() * dlse).sum()
+    grads = torch.autograd.grad(loss, _grad_inputs(tensors), allow_unused=True)
+    return out, lse, grads
+
+
+def to64(tensors):
+    return {k: v.detach().double().requires_grad_(True) for k, v in tensors.items()}
+
+
+def to_dtype(tensors, dtype):
+    return {k: v.detach().to(dtype).requires_grad_(True) for k, v in tensors.items()}
+
+
+def max_err(a, b):
+    a, b = a.double(), b.double()
+    finite = torch.isfinite(b)
+    if not torch.equal(torch.isfinite(a), finite):
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    return (a[finite] - b[finite]).abs().max().item() if a.numel() else 0.0
+
+
+def check_against_reference(case: Case, dtype, backend, with_dlse=False, tensors_kwargs=None):
+    """Output, lse and every gradient vs. a float64 reference, FlashAttention-style oracle:
+    err(op) <= 2 * err(reference in the same dtype) + ATOL[dtype]."""
+    tensors, kwargs = tensors_kwargs or make_inputs(case, dtype)
+    dout = torch.randn(tensors["q"].shape, device=tensors["q"].device)
+    dlse = torch.randn(case.B, case.H, case.Lq, device=dout.device) if with_dlse else None
+    op = lambda **kw: prefix_attn_func(**kw, backend=backend)  # noqa: E731
+    out, lse, grads = run_op(op, tensors, kwargs, dout.to(dtype), dlse)
+    ref_out, ref_lse, ref_grads = run_op(prefix_attn_ref, to64(tensors), kwargs, dout.double(), dlse)
+    low_out, low_lse, low_grads = run_op(prefix_attn_ref, to_dtype(tensors, dtype), kwargs, dout.to(dtype), dlse)
+    names = ["out", "lse", *[f"d{k}" for k in tensors]]
+    for name, got, ref, low in zip(names, [out, lse, *grads], [ref_out, ref_lse, *ref_grads],
+                                   [low_out, low_lse, *low_grads]):
+        assert got is not None, f"{name}: no gradient"
+        assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+        assert not torch.isnan(got).any(), f"{name}: NaN"
+        err, low_err = max_err(got, ref), max_err(low, ref)
+        bound = 2 * low_err + ATOL[dtype] * max(1.0, ref[torch.isfinite(ref)].abs().max().item() if ref.numel() else 1)
+        assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g} (reference in {dtype}: {low_err:.3g})"
+    return out, lse, grads
