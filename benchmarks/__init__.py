@@ -1,0 +1,1 @@
+"""The prefix-attn benchmark suite: ``python -m benchmarks [--quick] [--out DIR] [--only NAME]``."""
