@@ -147,3 +147,41 @@ def measure_ceilings(device) -> dict:
     copy_ms = time_ms(lambda: y.copy_(x), device)[0]
     return {"matmul_tflops": 2 * n**3 / mm_ms / 1e9, "matmul_dtype": "fp32",
             "copy_gbps": 2 * x.numel() * 4 / copy_ms / 1e6}
+
+
+def kernel_time_ms(fn: Callable[[], object], device, iters: int = 10) -> tuple[float, dict]:
+    """GPU busy time per call (ms): the sum of the durations of the kernels fn() launches, from
+    torch.profiler, without host overhead or launch gaps; and the per-kernel split (ms)."""
+    if not on_gpu(device):
+        return float("nan"), {}
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(evt, "device_time", None)
+        if us is None:
+            us = getattr(evt, "cuda_time", 0.0)
+        per_kernel[evt.name] = per_kernel.get(evt.name, 0.0) + us / 1e3 / iters
+    return sum(per_kernel.values()), per_kernel
+
+
+def host_us_per_call(fn: Callable[[], object], device, calls: int = 200) -> float:
+    """Host time per call (µs) issuing fn() back to back: the launch overhead when the GPU is fast."""
+    fn()
+    if on_gpu(device):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    if on_gpu(device):
+        torch.cuda.synchronize()
+    return elapsed / calls * 1e6

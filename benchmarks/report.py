@@ -6,7 +6,8 @@ import os
 from collections import defaultdict
 
 FIELDS = ["bench", "provider", "mode", "dtype", "B", "H", "L", "P", "D", "ms_p50", "ms_p20", "ms_p80", "tflops",
-          "gbps", "tokens_per_s", "peak_mem_mb", "device", "torch", "triton", "commit", "skipped"]
+          "kernel_ms", "kernel_tflops", "host_us", "gbps", "tokens_per_s", "peak_mem_mb", "device", "torch", "triton",
+          "commit", "skipped"]
 SHAPE_KEYS = ("B", "H", "L", "P", "D", "dtype")
 FUSED = ("prefix_attn", "prefix_attn_torch", "peft+patch", "native")
 BASELINES = ("concat_sdpa", "concat_eager", "concat_flex", "peft_sdpa", "peft_eager")
@@ -46,8 +47,11 @@ def summary_markdown(records, env, quick) -> str:
                   f"device copy {ceil['copy_gbps']:.0f} GB/s.", ""]
     if env.get("interpreter"):
         lines += ["**Interpreter run: not performance figures.**", ""]
-    lines += ["| bench | mode | shape (B,H,L,P,D,dtype) | provider | ms p50 [p20, p80] | TFLOP/s | peak MiB "
-              "| speedup vs concat_sdpa | memory vs concat_sdpa |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["ms: CUDA-event time per call (host overhead included when the GPU outruns the host); kernel ms: "
+              "sum of the call's GPU kernel durations (torch.profiler). TFLOP/s counts useful work only.", "",
+              "| bench | mode | shape (B,H,L,P,D,dtype) | provider | ms p50 [p20, p80] | TFLOP/s | kernel ms "
+              "| kernel TFLOP/s | peak MiB | speedup vs concat_sdpa | memory vs concat_sdpa |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (bench, mode, shape), group in sorted(_group(measured).items(), key=lambda kv: str(kv[0])):
         by_provider = {r["provider"]: r for r in group}
         base = by_provider.get("concat_sdpa") or by_provider.get("peft_sdpa")
@@ -60,7 +64,8 @@ def summary_markdown(records, env, quick) -> str:
                     mem = f"{r['peak_mem_mb'] / base['peak_mem_mb']:.2f}x"
             lines.append(f"| {bench} | {mode} | {','.join(map(str, shape))} | {r['provider']} | "
                          f"{_fmt(r['ms_p50'])} [{_fmt(r['ms_p20'])}, {_fmt(r['ms_p80'])}] | "
-                         f"{_fmt(r.get('tflops'))} | {_fmt(r.get('peak_mem_mb'), 4)} | {speed} | {mem} |")
+                         f"{_fmt(r.get('tflops'))} | {_fmt(r.get('kernel_ms'))} | {_fmt(r.get('kernel_tflops'))} | "
+                         f"{_fmt(r.get('peak_mem_mb'), 4)} | {speed} | {mem} |")
     skipped = {(r["provider"], r["skipped"]) for r in records if r.get("skipped")}
     if skipped:
         lines += ["", "Skipped providers:"] + [f"- {p}: {why}" for p, why in sorted(skipped)]

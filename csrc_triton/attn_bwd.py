@@ -11,7 +11,7 @@
 import triton
 import triton.language as tl
 
-from csrc_triton.common import LOG2E_C, dropout_keep_tile, pick_configs
+from csrc_triton.common import LOG2E_C, device_capability, dropout_keep_tile, launch_arg, pick_configs, tuning_prune
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def bwd_preprocess_kernel(
 def accumulate_dkdv(
     dk, dv, k, v,
     Q, dO, LseLog2, Delta, stride_qm, stride_qd, stride_dom, stride_dod,
-    q_start, q_end, Lq, key_cols, key_ok, query_shift,
+    q_start, q_end, Lq, key_cols, query_shift,
     seed, drop_counter_base, drop_groups_per_row, drop_col_start, keep_threshold, dropout_scale,
     qk_scale,
     offs_d, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -58,8 +58,9 @@ def accumulate_dkdv(
 ):
     """dK, dV of one key tile (BLOCK_N keys) over the query blocks [q_start, q_end).
 
-    key_ok (BLOCK_N,) masks keys out of range or padded; CAUSAL masks query i (key position
-    i + query_shift) from keys after it. Queries >= Lq load lse = +inf, so p = 0 there.
+    CAUSAL masks query i (key position i + query_shift) from keys after it. Queries >= Lq load
+    lse = +inf, so p = 0 there. Keys out of range or padded are not masked here: row j of dK/dV
+    depends on key j alone, so the caller zeroes those rows once at the end.
     """
     d_ok = offs_d < HEAD_DIM
     for start_m in range(q_start, q_end, BLOCK_M):
@@ -70,10 +71,8 @@ def accumulate_dkdv(
         lse2 = tl.load(LseLog2 + offs_m, mask=m_ok, other=float("inf"))
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         p_t = tl.math.exp2(qk_t - lse2[None, :])
-        visible = key_ok[:, None]
         if CAUSAL:
-            visible = visible & (key_cols[:, None] <= offs_m[None, :] + query_shift)
-        p_t = tl.where(visible, p_t, 0.0)
+            p_t = tl.where(key_cols[:, None] <= offs_m[None, :] + query_shift, p_t, 0.0)
         do = tl.load(dO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -138,8 +137,10 @@ def accumulate_dq(
 # (BLOCK_M1, BLOCK_N1) tile the dK/dV part, (BLOCK_M2, BLOCK_N2) the dQ part; BLOCK_N1 ==
 # BLOCK_M2 so that program j owns key block j and query block j.
 BWD_GPU_CONFIGS = [
-    triton.Config({"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32}, num_warps=4, num_stages=5),
     triton.Config({"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64}, num_warps=4, num_stages=2),
 ]
@@ -147,22 +148,26 @@ BWD_INTERPRETER_CONFIG = triton.Config(
     {"BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16}, num_warps=4, num_stages=1)
 
 
-def _arg(named_args, kwargs, name):
-    return kwargs[name] if name in kwargs else named_args[name]
+def bwd_configs_for(configs, block_d: int, capability: int):
+    """The configs worth trying at this head-dim tile on this GPU generation, best first.
+
+    Head dims above 64: 8-warp 128-key tiles on Hopper, 64-key 4-warp tiles before it (the dK, dV
+    accumulators spill otherwise)."""
+    if block_d <= 64:
+        return list(configs)
+    if capability >= 90:
+        return [c for c in configs if c.num_warps == 8 or c.kwargs["BLOCK_N1"] <= 64 and c.kwargs["BLOCK_M1"] <= 32]
+    return [c for c in configs if c.kwargs["BLOCK_N1"] <= 64 and c.kwargs["BLOCK_M1"] <= 32]
 
 
 def prune_bwd_configs(configs, named_args, **kwargs):
-    """Large tiles only for head dims up to 64 (register budget of the dK, dV accumulators)."""
-    if _arg(named_args, kwargs, "BLOCK_D") > 64:
-        kept = [c for c in configs if c.kwargs["BLOCK_N1"] <= 64 or c.num_warps == 8]
-        return kept or configs[:1]
-    return configs
+    return bwd_configs_for(configs, launch_arg(named_args, kwargs, "BLOCK_D"), device_capability(named_args["Q"]))
 
 
 @triton.autotune(
     configs=pick_configs(BWD_GPU_CONFIGS, BWD_INTERPRETER_CONFIG),
     key=["TUNE_LQ", "TUNE_LK", "BLOCK_D", "BLOCK_P", "CAUSAL", "HAS_KEY_MASK", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": prune_bwd_configs},
+    prune_configs_by={"early_config_prune": tuning_prune(prune_bwd_configs)},
 )
 @triton.jit
 def bwd_seq_kernel(
@@ -206,7 +211,7 @@ def bwd_seq_kernel(
         seed = tl.load(RNG)
         drop_offset = tl.load(RNG + 1)
     drop_counter_base = drop_offset + row0 * drop_groups_per_row
-    seq_col_base = (P + 3) // 4 * 4
+    seq_col_base = (P + 7) // 8 * 8
 
     # ---- dK, dV of key block pid (sequence keys only; the prefix's are reduced elsewhere) ----
     n_start = pid * BLOCK_N1
@@ -230,7 +235,7 @@ def bwd_seq_kernel(
             diag_end = (diag_end + BLOCK_M1 - 1) // BLOCK_M1 * BLOCK_M1
             dk, dv = accumulate_dkdv(
                 dk, dv, k, v, Qb, dOb, LseLog2 + row0, Delta + row0, stride_qm, stride_qd, stride_dom, stride_dod,
-                q_first, diag_end, Lq, key_cols, key_ok, query_shift,
+                q_first, diag_end, Lq, key_cols, query_shift,
                 seed, drop_counter_base, drop_groups_per_row, seq_col_base + n_start, keep_threshold, dropout_scale,
                 qk_scale, offs_d, HEAD_DIM, BLOCK_M1, BLOCK_N1, True, HAS_DROPOUT, DOT_PRECISION,
             )
@@ -239,11 +244,13 @@ def bwd_seq_kernel(
             q_rest = 0
         dk, dv = accumulate_dkdv(
             dk, dv, k, v, Qb, dOb, LseLog2 + row0, Delta + row0, stride_qm, stride_qd, stride_dom, stride_dod,
-            q_rest, Lq, Lq, key_cols, key_ok, query_shift,
+            q_rest, Lq, Lq, key_cols, query_shift,
             seed, drop_counter_base, drop_groups_per_row, seq_col_base + n_start, keep_threshold, dropout_scale,
             qk_scale, offs_d, HEAD_DIM, BLOCK_M1, BLOCK_N1, False, HAS_DROPOUT, DOT_PRECISION,
         )
-        dk = dk * softmax_scale
+        # A padded key is seen by no query: its gradient rows are zero.
+        dk = tl.where(key_ok[:, None], dk * softmax_scale, 0.0)
+        dv = tl.where(key_ok[:, None], dv, 0.0)
         tl.store(dK + b * stride_dkb + h * stride_dkh + key_cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
                  dk.to(dK.dtype.element_ty), mask=kv_mask)
         tl.store(dV + b * stride_dvb + h * stride_dvh + key_cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,

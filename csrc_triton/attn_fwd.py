@@ -8,7 +8,7 @@ accumulator stay in fp32.
 import triton
 import triton.language as tl
 
-from csrc_triton.common import LN2_C, dropout_keep_tile, pick_configs
+from csrc_triton.common import LN2_C, dropout_keep_tile, launch_arg, pick_configs, tuning_prune
 
 
 @triton.jit
@@ -71,25 +71,34 @@ FWD_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
 ]
 FWD_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 
 
+def fwd_configs_for(configs, seqlen_q_bucket: int, block_d: int):
+    """The configs worth trying, best first. Short query lengths (decode-like calls) take 64-row
+    tiles. Head dims above 64 need 8 warps for 128-row tiles (4 warps spill the 128 x BLOCK_D fp32
+    accumulator) and at most 64-wide key tiles."""
+    kept = list(configs)
+    if seqlen_q_bucket <= 64:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] <= 64] or kept
+    if block_d > 64:
+        kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 64 and (c.kwargs["BLOCK_M"] <= 64 or c.num_warps == 8)]
+    return kept
+
+
 def prune_fwd_configs(configs, named_args, **kwargs):
-    """Drop tiles taller than the query length bucket (decode-like calls) and too-wide key tiles."""
-    lq = named_args["TUNE_LQ"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(lq, 64)]
-    if kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64)) > 64:
-        kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 64] or kept
-    return kept or configs[:1]
+    return fwd_configs_for(configs, launch_arg(named_args, kwargs, "TUNE_LQ"), launch_arg(named_args, kwargs, "BLOCK_D"))
 
 
 @triton.autotune(
     configs=pick_configs(FWD_GPU_CONFIGS, FWD_INTERPRETER_CONFIG),
     key=["TUNE_LQ", "TUNE_LK", "BLOCK_D", "BLOCK_P", "CAUSAL", "HAS_KEY_MASK", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": prune_fwd_configs},
+    prune_configs_by={"early_config_prune": tuning_prune(prune_fwd_configs)},
 )
 @triton.jit
 def prefix_attn_fwd_kernel(
@@ -111,7 +120,9 @@ def prefix_attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(Lq, BLOCK_M), B * H). Writes Out (B, Lq, H, D) and Lse (B, H, Lq) natural log."""
-    pid_m = tl.program_id(0)
+    # Causal: the last query blocks see the most keys; launch them first so that the short ones
+    # fill the tail of the schedule.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -134,8 +145,8 @@ def prefix_attn_fwd_kernel(
     if HAS_DROPOUT:
         seed = tl.load(RNG)
         drop_row_counter = tl.load(RNG + 1) + ((b * H + h) * Lq + offs_m) * drop_groups_per_row
-    # Dropout columns: prefix slot s is column s, own key j is column P4 + j (P rounded up to 4).
-    seq_col_base = (P + 3) // 4 * 4
+    # Dropout columns: prefix slot s is column s, own key j is column P8 + j (P rounded up to 8).
+    seq_col_base = (P + 7) // 8 * 8
     query_pos = Lk - Lq + offs_m  # bottom-right alignment
 
     if HAS_PREFIX:

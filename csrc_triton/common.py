@@ -21,24 +21,54 @@ AUTOTUNE = os.environ.get("PREFIX_ATTN_AUTOTUNE", "1") != "0"
 
 def pick_configs(gpu_configs, interpreter_config):
     """The named config list for a GPU, or the single config the interpreter runs."""
-    if INTERPRET:
-        return [interpreter_config]
-    return list(gpu_configs) if AUTOTUNE else list(gpu_configs[:1])
+    return [interpreter_config] if INTERPRET else list(gpu_configs)
+
+
+def tuning_prune(prune):
+    """Wrap a config pruning function: with autotuning off, keep only the first surviving config
+    (the configs are listed best-first for each case the pruning distinguishes)."""
+
+    def pruned(configs, named_args, **kwargs):
+        kept = prune(configs, named_args, **kwargs) or list(configs[:1])
+        return kept if AUTOTUNE else kept[:1]
+
+    return pruned
+
+
+def launch_arg(named_args, kwargs, name):
+    """An argument of a launch, given positionally or by keyword."""
+    return kwargs[name] if name in kwargs else named_args[name]
+
+
+def device_capability(tensor) -> int:
+    """Compute capability (e.g. 90) of the GPU holding ``tensor``; 0 off CUDA."""
+    import torch
+
+    if not tensor.is_cuda:
+        return 0
+    major, minor = torch.cuda.get_device_capability(tensor.device)
+    return 10 * major + minor
+
+
+# Attention dropout draws 16-bit decisions, eight per Philox4x32-10 call (two per output word):
+# columns are taken in groups of 8, so tile starts must be multiples of 8.
+DROPOUT_COLS_PER_CALL = 8
 
 
 @triton.jit
 def dropout_keep_tile(seed, row_counter, col_start, keep_threshold, BLOCK_N: tl.constexpr):
     """Keep-mask (rows, BLOCK_N) of attention dropout.
 
-    Element (row, col) draws Philox4x32-10 at counter ``row_counter[row] + col // 4`` and takes
-    output ``col % 4`` of the four; it is kept when its top 31 bits are >= keep_threshold
-    (= floor(dropout_p * 2**31)). ``col_start`` must be a multiple of 4. prefix_attn.dropout
-    mirrors this bit for bit in PyTorch.
+    Columns [col_start, col_start + BLOCK_N) of each row, col_start a multiple of 8: column c draws
+    Philox4x32-10 (``tl.randint4x``, key ``seed``) at counter ``row_counter[row] + c // 8`` and
+    takes the 16-bit half ``c % 8`` of the four output words in the order built below; it is kept
+    when that value is >= keep_threshold (= round(dropout_p * 65536)). prefix_attn.dropout mirrors
+    this bit for bit in PyTorch.
     """
     BLOCK_M: tl.constexpr = row_counter.shape[0]
-    groups = col_start // 4 + tl.arange(0, BLOCK_N // 4)
-    counter = row_counter[:, None] + groups[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, counter)
-    # (M, N/4, 2, 2) -> (M, N): column 4g + 2a + b takes output 2a + b.
-    bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
-    return (bits >> 1).to(tl.int32) >= keep_threshold
+    groups = col_start // 8 + tl.arange(0, BLOCK_N // 8)
+    r0, r1, r2, r3 = tl.randint4x(seed, row_counter[:, None] + groups[None, :])
+    w01 = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))
+    w23 = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
+    bits = tl.reshape(tl.join(w01, w23), (BLOCK_M, BLOCK_N))
+    return bits.to(tl.int32) >= keep_threshold

@@ -4,8 +4,9 @@ from typing import Optional, Union
 import torch
 
 from prefix_attn import ops
+from prefix_attn.autograd import PrefixAttnFunction
 from prefix_attn.backend import resolve_backend
-from prefix_attn.checks import check_attention_inputs, default_scale
+from prefix_attn.checks import check_attention_inputs, check_row_offsets_fit_int32, default_scale
 
 
 def prefix_attn_func(
@@ -69,9 +70,16 @@ def prefix_attn_func(
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     chosen = resolve_backend(backend, q.device)
+    if chosen == "triton":
+        check_row_offsets_fit_int32(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
     if not dims.has_prefix:  # P = 0 is plain attention
         prefix_k = prefix_v = prefix_idx = prefix_lens = None
-    out, lse, _ = ops.attention(
-        q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, bool(causal),
-        default_scale(dims.head_dim, softmax_scale), float(dropout_p), chosen)
+    scale = default_scale(dims.head_dim, softmax_scale)
+    if torch.compiler.is_compiling():
+        # Opaque custom ops for the compiled graph; eager calls take the cheaper autograd.Function.
+        out, lse, _ = ops.attention(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
+                                    bool(causal), scale, float(dropout_p), chosen)
+    else:
+        out, lse = PrefixAttnFunction.apply(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
+                                            bool(causal), scale, float(dropout_p), chosen, dims)
     return (out, lse) if return_lse else out

@@ -1,13 +1,15 @@
 """Attention dropout: the RNG state an op call draws, and the keep-mask it implies.
 
 A call with dropout_p > 0 draws ``rng_state = [seed, offset]`` (int64, on the tensors' device)
-from torch's generator. Element (b, h, i, c) of the scores, where column c < P is prefix slot c
-and column P + j is key j, is kept when Philox4x32-10 (Triton's ``tl.randint4x``, key = seed)
-at counter ``offset + ((b * H + h) * Lq + i) * G + c' // 4`` gives, in output ``c' % 4``, a
-number whose top 31 bits are >= floor(dropout_p * 2**31). Here c' = c for prefix slots and
-c' = P4 + j for keys, P4 = P rounded up to 4, G = P4 / 4 + ceil(Lk / 4). The Triton kernels and
-the torch backend both draw this mask, bit for bit, so the backward regenerates the forward's
-mask and the two backends agree under dropout.
+from torch's generator. Decisions are 16-bit: score (b, h, i, c) (column c < P is prefix slot c,
+column P + j is key j) is kept when its 16-bit draw is >= t = round(dropout_p * 65536), so the keep
+probability is exactly 1 - t / 65536 and kept values are scaled by 1 / (1 - t / 65536) (unbiased;
+the drop probability differs from dropout_p by at most 2**-17). Draws come eight per
+Philox4x32-10 call (Triton's ``tl.randint4x``, key = seed) at counter
+``offset + ((b * H + h) * Lq + i) * G + c' // 8``, where c' = c for prefix slots and c' = P8 + j
+for keys, P8 = P rounded up to 8 and G = P8 / 8 + ceil(Lk / 8). The Triton kernels and the torch
+backend both draw this mask, bit for bit, so the backward regenerates the forward's mask and the
+two backends agree under dropout.
 """
 import torch
 
@@ -27,13 +29,23 @@ def draw_rng_state(device: torch.device) -> torch.Tensor:
 
 
 def keep_threshold(dropout_p: float) -> int:
-    """The 31-bit integer threshold the kernels compare against."""
-    return min(int(dropout_p * 2**31), 2**31 - 1)
+    """The 16-bit threshold the kernels compare draws against."""
+    return min(round(dropout_p * 65536), 65535)
+
+
+def keep_scale(dropout_p: float) -> float:
+    """1 / keep probability: the factor that makes dropout unbiased for the quantised threshold."""
+    return 1.0 / (1.0 - keep_threshold(dropout_p) / 65536)
+
+
+def padded_prefix(n_prefix: int) -> int:
+    """P rounded up to 8: where the keys' dropout columns start."""
+    return (n_prefix + 7) // 8 * 8
 
 
 def groups_per_row(n_prefix: int, n_keys: int) -> int:
-    """Philox counters per score row (each gives four columns)."""
-    return (n_prefix + 3) // 4 + (n_keys + 3) // 4
+    """Philox counters per score row (each gives eight columns)."""
+    return padded_prefix(n_prefix) // 8 + (n_keys + 7) // 8
 
 
 def _mulhilo32(const: int, x: torch.Tensor):
@@ -60,15 +72,23 @@ def philox4x32(counter: torch.Tensor, seed: int):
     return c0, c1, c2, c3
 
 
+def _join(a, b):
+    return torch.stack([a, b], dim=-1)  # tl.join: stack along a new last axis
+
+
 def keep_mask_rows(seed: int, offset: int, rows: torch.Tensor, n_prefix: int, n_keys: int,
                    dropout_p: float) -> torch.Tensor:
     """Keep-mask (len(rows), n_prefix + n_keys) bool of the flattened score rows ``rows``."""
     n_groups = groups_per_row(n_prefix, n_keys)
     counter = offset + rows.to(torch.int64)[:, None] * n_groups + torch.arange(n_groups, device=rows.device)
-    bits = torch.stack(philox4x32(counter, seed), dim=-1).reshape(rows.numel(), 4 * n_groups)
-    keep = (bits >> 1) >= keep_threshold(dropout_p)
-    prefix4 = (n_prefix + 3) // 4 * 4
-    return torch.cat([keep[:, :n_prefix], keep[:, prefix4:prefix4 + n_keys]], dim=1)
+    r0, r1, r2, r3 = philox4x32(counter, seed)
+    # The same nesting of joins as csrc_triton.common.dropout_keep_tile, so the same column order.
+    w01 = _join(_join(r0 & 0xFFFF, r0 >> 16), _join(r1 & 0xFFFF, r1 >> 16))
+    w23 = _join(_join(r2 & 0xFFFF, r2 >> 16), _join(r3 & 0xFFFF, r3 >> 16))
+    bits = _join(w01, w23).reshape(rows.numel(), 8 * n_groups)
+    keep = bits >= keep_threshold(dropout_p)
+    prefix8 = padded_prefix(n_prefix)
+    return torch.cat([keep[:, :n_prefix], keep[:, prefix8:prefix8 + n_keys]], dim=1)
 
 
 def dropout_keep_mask(rng_state: torch.Tensor, batch: int, heads: int, seqlen_q: int, n_prefix: int,

@@ -11,8 +11,9 @@ def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Ten
         lse_a, lse_b: (batch, heads, seqlen), natural-log sum of exp of each part's scores;
             -inf marks an empty part (its out is ignored).
     Returns:
-        (out (batch, seqlen, heads, head_dim) in out_a's dtype, lse (batch, heads, seqlen) fp32).
-        Both parts empty gives zeros and -inf. Differentiable; computed in fp32.
+        (out (batch, seqlen, heads, head_dim) in out_a's dtype, lse (batch, heads, seqlen) fp32, or
+        fp64 for fp64 inputs). Both parts empty gives zeros and -inf. Differentiable; computed in
+        fp32 at least.
     """
     for name, x in (("out_a", out_a), ("out_b", out_b), ("lse_a", lse_a), ("lse_b", lse_b)):
         if not isinstance(x, torch.Tensor):
@@ -26,12 +27,17 @@ def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Ten
     for name, x in (("lse_a", lse_a), ("lse_b", lse_b)):
         if x.shape != (B, H, L):
             raise ValueError(f"{name} must be (batch, heads, seqlen) = ({B}, {H}, {L}), got {tuple(x.shape)}")
-    lse_a, lse_b = lse_a.float(), lse_b.float()
-    lse = torch.logaddexp(lse_a, lse_b)
-    # Subtract a finite stand-in where both parts are empty, so that no NaN appears in either
-    # branch (nor in its gradient).
-    lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    w_a = torch.exp(lse_a - lse_safe).transpose(1, 2)[..., None]
-    w_b = torch.exp(lse_b - lse_safe).transpose(1, 2)[..., None]
-    out = w_a * out_a.float() + w_b * out_b.float()
+    acc = torch.promote_types(torch.promote_types(out_a.dtype, lse_a.dtype), torch.float32)  # fp32 at least
+    lse_a, lse_b = lse_a.to(acc), lse_b.to(acc)
+    # Written out rather than logaddexp so that empty parts (-inf) give finite gradients too.
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    e_a, e_b = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    total = e_a + e_b
+    nonempty = total > 0
+    total = torch.where(nonempty, total, torch.ones_like(total))
+    lse = torch.where(nonempty, m + torch.log(total), torch.full_like(m, float("-inf")))
+    w_a = (e_a / total).transpose(1, 2)[..., None]
+    w_b = (e_b / total).transpose(1, 2)[..., None]
+    out = w_a * out_a.to(acc) + w_b * out_b.to(acc)
     return out.to(out_a.dtype), lse

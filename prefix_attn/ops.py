@@ -1,30 +1,22 @@
-"""The op as torch.library custom ops: forward, backward, fake (meta) versions and autograd.
+"""The op as torch.library custom ops, for torch.compile.
 
 ``prefix_attn::attention`` returns (out, lse, rng_state); its backward calls
-``prefix_attn::attention_backward``. Both dispatch to the Triton launchers or the torch backend by
-the ``backend`` string, so torch.compile sees two opaque ops and no graph break, and both backends
-share this one autograd path.
+``prefix_attn::attention_backward``. torch.compile sees two opaque ops with fake (meta) versions:
+no graph break. They run the same forward and backward as the eager autograd.Function
+(``prefix_attn.autograd``), so compiled and eager calls give the same bits.
 """
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from prefix_attn import torch_backend
-from prefix_attn.dropout import draw_rng_state
-
-_BACKENDS = {}
+from prefix_attn import autograd
+from prefix_attn.checks import check_attention_inputs
 
 
-def _impl(backend: str):
-    if backend not in _BACKENDS:
-        if backend == "triton":
-            from prefix_attn import triton_launch  # imports triton and the kernels on first use
-
-            _BACKENDS[backend] = triton_launch
-        else:
-            _BACKENDS[backend] = torch_backend
-    return _BACKENDS[backend]
+def _dims(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p):
+    # Metadata only (the public function validated these inputs already while tracing).
+    return check_attention_inputs(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p)
 
 
 @torch.library.custom_op("prefix_attn::attention", mutates_args=())
@@ -33,11 +25,9 @@ def attention(
     prefix_idx: Optional[Tensor], prefix_lens: Optional[Tensor], attention_mask: Optional[Tensor],
     causal: bool, softmax_scale: float, dropout_p: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    rng_state = draw_rng_state(q.device) if dropout_p > 0.0 else torch.empty(0, dtype=torch.int64, device=q.device)
-    out, lse = _impl(backend).prefix_attn_fwd(
-        q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p,
-        rng_state)
-    return out, lse, rng_state
+    dims = _dims(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p)
+    return autograd.forward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal,
+                            softmax_scale, dropout_p, backend, dims)
 
 
 @attention.register_fake
@@ -57,9 +47,10 @@ def attention_backward(
     attention_mask: Optional[Tensor], out: Tensor, lse: Tensor, rng_state: Tensor,
     causal: bool, softmax_scale: float, dropout_p: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, dpk, dpv = _impl(backend).prefix_attn_bwd(
-        dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
-        causal, softmax_scale, dropout_p, rng_state)
+    dims = _dims(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p)
+    dq, dk, dv, dpk, dpv = autograd.backward(dout, dlse, q, k, v, out, lse, rng_state, prefix_k, prefix_v,
+                                             prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
+                                             dropout_p, backend, dims)
     if dpk is None:  # custom ops return tensors, not None
         dpk, dpv = q.new_empty((0,)), q.new_empty((0,))
     return dq, dk, dv, dpk, dpv
@@ -80,7 +71,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, out, lse, rng_state)
     ctx.options = (causal, softmax_scale, dropout_p, backend)
     ctx.has_prefix = prefix_k is not None
-    # A gradient for lse arrives as None when lse was not used: the kernels then skip it.
     ctx.set_materialize_grads(False)
 
 

@@ -8,7 +8,8 @@ from typing import Optional
 
 import torch
 
-from prefix_attn.checks import check_attention_inputs, default_scale, check_prefix_values
+from prefix_attn.checks import check_attention_inputs, check_prefix_values, default_scale
+from prefix_attn.dropout import keep_scale
 
 _REF_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -73,8 +74,9 @@ def prefix_attn_ref(q, k, v, prefix_k=None, prefix_v=None, *, prefix_idx=None, p
     probs = torch.exp(scores - lse_safe[..., None])
     if dropout_p > 0.0:
         if dropout_mask is None:
-            dropout_mask = torch.rand_like(probs) >= dropout_p
-        probs = probs * dropout_mask / (1.0 - dropout_p)
+            probs = probs * (torch.rand_like(probs) >= dropout_p) / (1.0 - dropout_p)
+        else:  # the op's own mask: the op's exact keep probability (16-bit threshold)
+            probs = probs * dropout_mask * keep_scale(dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v_all)
     lse = lse if softmax_dtype == torch.float64 else lse.float()
     return (out, lse) if return_lse else out

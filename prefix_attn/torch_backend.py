@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from prefix_attn.checks import AttnDims, check_attention_inputs, check_prefix_values, default_scale
-from prefix_attn.dropout import keep_mask_rows
+from prefix_attn.dropout import keep_mask_rows, keep_scale
 
 # fp32 score elements per query chunk (64 MiB per score-sized buffer).
 CHUNK_ELEMENTS = 1 << 24
@@ -94,20 +94,30 @@ def _probs(qc, kf, prefix: Optional[_Prefix], key_ok, causal, scale, dims: AttnD
     return torch.exp(s - lse_safe[..., None]), lse
 
 
-def _prepare(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale):
+def _validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale):
     dims = check_attention_inputs(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
                                   dropout_p, softmax_scale)
     check_prefix_values(prefix_idx, prefix_lens, dims)
+    return dims
+
+
+def _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims):
     prefix = _Prefix(prefix_k, prefix_v, prefix_idx, prefix_lens, dims, q.device) if dims.has_prefix else None
     key_ok = attention_mask != 0 if attention_mask is not None else None
-    return dims, prefix, key_ok
+    return prefix, key_ok
 
 
 def prefix_attn_fwd(q, k, v, prefix_k=None, prefix_v=None, prefix_idx=None, prefix_lens=None,
                     attention_mask=None, causal=True, softmax_scale=None, dropout_p=0.0, rng_state=None):
     """Forward in PyTorch. Returns out (B, Lq, H, D) in q's dtype and lse (B, H, Lq) fp32."""
-    dims, prefix, key_ok = _prepare(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
-                                    dropout_p, softmax_scale)
+    dims = _validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale)
+    return forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal,
+                             softmax_scale, dropout_p, rng_state, dims)
+
+
+def forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
+                      dropout_p, rng_state, dims: AttnDims):
+    prefix, key_ok = _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims)
     scale = default_scale(dims.head_dim, softmax_scale)
     qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # (B, H, L, D)
     out = torch.empty((dims.batch, dims.heads, dims.seqlen_q, dims.head_dim), dtype=torch.float32, device=q.device)
@@ -118,7 +128,7 @@ def prefix_attn_fwd(q, k, v, prefix_k=None, prefix_v=None, prefix_idx=None, pref
         rows = slice(start, min(start + chunk, dims.seqlen_q))
         p, lse[:, :, rows] = _probs(qf[:, :, rows], kf, prefix, key_ok, causal, scale, dims, rows)
         if dropout_p > 0.0:
-            p = p * _keep(rng_state, dropout_p, dims, rows, q.device) / (1.0 - dropout_p)
+            p = p * (_keep(rng_state, dropout_p, dims, rows, q.device) * keep_scale(dropout_p))
         o = torch.matmul(p[..., P:], vf)
         if prefix is not None:
             o = o + prefix.apply(p[..., :P], lambda x, t: torch.matmul(x, prefix.v[t]), o.shape)
@@ -129,8 +139,14 @@ def prefix_attn_fwd(q, k, v, prefix_k=None, prefix_v=None, prefix_idx=None, pref
 def prefix_attn_bwd(dout, dlse, q, k, v, out, lse, prefix_k=None, prefix_v=None, prefix_idx=None, prefix_lens=None,
                     attention_mask=None, causal=True, softmax_scale=None, dropout_p=0.0, rng_state=None):
     """Backward in PyTorch; same outputs as the Triton launcher (dq, dk, dv, dprefix_k, dprefix_v)."""
-    dims, prefix, key_ok = _prepare(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
-                                    dropout_p, softmax_scale)
+    dims = _validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale)
+    return backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix_idx, prefix_lens,
+                              attention_mask, causal, softmax_scale, dropout_p, rng_state, dims)
+
+
+def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
+                       causal, softmax_scale, dropout_p, rng_state, dims: AttnDims):
+    prefix, key_ok = _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims)
     scale = default_scale(dims.head_dim, softmax_scale)
     qf, kf, vf, dof, of = (x.float().transpose(1, 2) for x in (q, k, v, dout, out))
     delta = (dof * of).sum(-1)
@@ -159,7 +175,7 @@ def prefix_attn_bwd(dout, dlse, q, k, v, out, lse, prefix_k=None, prefix_v=None,
             dp = dp_seq
         p_kept = p
         if dropout_p > 0.0:
-            keep = _keep(rng_state, dropout_p, dims, rows, q.device) / (1.0 - dropout_p)
+            keep = _keep(rng_state, dropout_p, dims, rows, q.device) * keep_scale(dropout_p)
             p_kept = p * keep
             dp = dp * keep
         ds = p * (dp - delta[:, :, rows, None])

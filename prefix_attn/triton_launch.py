@@ -15,7 +15,7 @@ from csrc_triton.prefix_grad import prefix_grad_partial_kernel, prefix_grad_redu
 from prefix_attn.checks import (
     AttnDims, check_attention_inputs, check_prefix_values, check_row_offsets_fit_int32, default_scale,
 )
-from prefix_attn.dropout import groups_per_row, keep_threshold
+from prefix_attn.dropout import groups_per_row, keep_scale, keep_threshold, padded_prefix
 
 # Query rows per item of the prefix-gradient reduction, and rows per preprocess program.
 PREFIX_GRAD_BLOCK_M = 16 if INTERPRET else 64
@@ -136,6 +136,13 @@ def prefix_attn_fwd(q, k, v, prefix_k=None, prefix_v=None, prefix_idx=None, pref
     dims = validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale)
     if dropout_p > 0.0 and (rng_state is None or rng_state.shape != (2,)):
         raise ValueError("rng_state must be a (2,) int64 tensor [seed, offset] when dropout_p > 0")
+    return forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal,
+                             softmax_scale, dropout_p, rng_state, dims)
+
+
+def forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
+                      dropout_p, rng_state, dims: AttnDims):
+    """The forward launch for inputs already validated (``dims`` from check_attention_inputs)."""
     B, Lq, H, D = q.shape
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
@@ -147,7 +154,7 @@ def prefix_attn_fwd(q, k, v, prefix_k=None, prefix_v=None, prefix_idx=None, pref
     grid = lambda meta: (_cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
     prefix_attn_fwd_kernel[grid](
         *pointers, out, lse, *strides, *out.stride(), *mask_strides, *sizes,
-        scale * LOG2E, 1.0 / (1.0 - dropout_p), *tune, **cx,
+        scale * LOG2E, keep_scale(dropout_p), *tune, **cx,
     )
     return out, lse
 
@@ -189,6 +196,15 @@ def prefix_attn_bwd(dout, dlse, q, k, v, out, lse, prefix_k=None, prefix_v=None,
     prefix-gradient reduction (tests use it to force many pieces).
     """
     dims = validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale)
+    if dout.shape != q.shape:
+        raise ValueError(f"dout must have q's shape {tuple(q.shape)}, got {tuple(dout.shape)}")
+    return backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix_idx, prefix_lens,
+                              attention_mask, causal, softmax_scale, dropout_p, rng_state, dims, items_per_piece)
+
+
+def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
+                       causal, softmax_scale, dropout_p, rng_state, dims: AttnDims, items_per_piece=None):
+    """The backward launches for inputs already validated."""
     B, Lq, H, D = q.shape
     Lk = dims.seqlen_k
     dq = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
@@ -204,6 +220,10 @@ def prefix_attn_bwd(dout, dlse, q, k, v, out, lse, prefix_k=None, prefix_v=None,
                 g.zero_()
         return dq, dk, dv, dpk, dpv
 
+    if dlse is not None:
+        # Autograd hands over the gradient of lse.sum() as a stride-0 expansion; the preprocess
+        # kernel indexes lse rows densely, and this tensor is only B * H * Lq floats.
+        dlse = dlse.float().contiguous()
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     lse_log2 = torch.empty_like(delta)
     cx_d = dict(HEAD_DIM=D, BLOCK_D=max(16, _next_pow2(D)))
@@ -215,7 +235,7 @@ def prefix_attn_bwd(dout, dlse, q, k, v, out, lse, prefix_k=None, prefix_v=None,
     pointers, strides, mask_strides, sizes, scale, cx, tune = _launch_common(
         q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
         dropout_p, rng_state, dims)
-    dropout_scale = 1.0 / (1.0 - dropout_p)
+    dropout_scale = keep_scale(dropout_p)
     grid = lambda meta: (max(_cdiv(Lk, meta["BLOCK_N1"]), _cdiv(Lq, meta["BLOCK_M2"])), B * H)  # noqa: E731
     bwd_seq_kernel[grid](
         *pointers, dout, lse_log2, delta, dq, dk, dv,
@@ -258,13 +278,14 @@ def dropout_keep_mask_triton(rng_state: torch.Tensor, batch: int, heads: int, se
     n_cols = n_prefix + seqlen_k
     mask = torch.zeros((n_rows, n_cols), dtype=torch.int8, device=rng_state.device)
     block_m, block_n = 16, 64
-    cols4 = (n_prefix + 3) // 4 * 4 + seqlen_k
+    cols8 = padded_prefix(n_prefix) + seqlen_k
     if n_rows and n_cols:
-        dropout_mask_kernel[(_cdiv(n_rows, block_m), _cdiv(cols4, block_n))](
+        dropout_mask_kernel[(_cdiv(n_rows, block_m), _cdiv(cols8, block_n))](
             rng_state, mask, n_rows, n_prefix, seqlen_k, groups_per_row(n_prefix, seqlen_k),
             keep_threshold(dropout_p), BLOCK_M=block_m, BLOCK_N=block_n,
         )
     return mask.bool().reshape(batch, heads, seqlen_q, n_cols)
 
 
-__all__ = ["prefix_attn_fwd", "prefix_attn_bwd", "dropout_keep_mask_triton", "validate", "num_sms"]
+__all__ = ["prefix_attn_fwd", "prefix_attn_bwd", "forward_unchecked", "backward_unchecked",
+           "dropout_keep_mask_triton", "validate", "num_sms"]

@@ -24,6 +24,7 @@ from csrc_triton.prefix_grad import prefix_grad_partial_kernel, prefix_grad_redu
 
 INT_ARGS = {"H", "Lq", "Lk", "P", "P_pad", "TUNE_LQ", "TUNE_LK", "drop_groups_per_row", "keep_threshold",
             "n_query_blocks", "items_per_piece", "n_items", "n_pieces", "n_rows", "n_cols_prefix", "n_cols_seq"}
+DEFAULT_MARK = " (default)"  # the config a launch uses without autotuning
 DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
 
@@ -35,7 +36,8 @@ class CompiledKernel:
     ptx: str
     regs: int
     shared: int
-    local: int  # bytes of local memory per thread: spills
+    stack: int  # bytes of stack frame per thread: where ptxas spills registers
+    local_ops: int  # local-memory loads/stores (LDL/STL) in the SASS: spill traffic
 
     @property
     def uses_wgmma(self) -> bool:
@@ -50,41 +52,59 @@ def _jit_fn(kernel):
     return kernel.fn if isinstance(kernel, Autotuner) else kernel  # autotuned kernels wrap the JITFunction
 
 
+def _is_unit_stride(name):
+    # The last (head_dim) stride of every tensor, and the key-mask stride, are 1 in practice: a
+    # launch then specializes them to the constant 1, as this check does.
+    return name.startswith("stride_") and (name.endswith("d") or name == "stride_maskn")
+
+
 def _signature(fn, types, constexprs):
-    sig = {}
-    for name in fn.arg_names:
+    """Signature, constexprs and attributes as a real launch specializes them: unit strides become
+    constants, pointers and the other strides carry 16-divisibility (contiguous (B, L, H, D)
+    tensors with H * D a multiple of 16, and torch's 16-byte aligned allocations)."""
+    sig, consts, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
+        elif _is_unit_stride(name):
+            sig[name] = "constexpr"
+            consts[name] = 1
         else:
             sig[name] = types(name)
-    return sig
+            if sig[name].startswith("*") or name.startswith("stride_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
 
 
 def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def resource_usage(cubin: bytes) -> tuple[int, int, int]:
+def resource_usage(cubin: bytes) -> tuple[int, int, int, int]:
+    """(registers, static shared bytes, stack bytes, LDL/STL count) of a cubin, from cuobjdump."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
         text = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
                               check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "--dump-sass", path], capture_output=True, text=True, check=True).stdout
     regs = int(re.search(r"REG:(\d+)", text).group(1))
     shared = int(re.search(r"SHARED:(\d+)", text).group(1))
-    local = int(re.search(r"LOCAL:(\d+)", text).group(1))
-    return regs, shared, local
+    stack = int(re.search(r"STACK:(\d+)", text).group(1))
+    local_ops = len(re.findall(r"\b(?:LDL|STL)\b", sass))
+    return regs, shared, stack, local_ops
 
 
 def compile_kernel(kernel, name, cap, types, constexprs, num_warps=4, num_stages=3, variant=""):
     fn = _jit_fn(kernel)
-    src = ASTSource(fn=fn, signature=_signature(fn, types, constexprs), constexprs=constexprs)
+    signature, consts, attrs = _signature(fn, types, constexprs)
+    src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
-    regs, shared_static, local = resource_usage(compiled.asm["cubin"])
+    regs, shared_static, stack, local_ops = resource_usage(compiled.asm["cubin"])
     shared = max(shared_static, compiled.metadata.shared)
-    return CompiledKernel(name, cap, variant, compiled.asm["ptx"], regs, shared, local)
+    return CompiledKernel(name, cap, variant, compiled.asm["ptx"], regs, shared, stack, local_ops)
 
 
 def _attn_types(dtype):
@@ -114,62 +134,93 @@ def _attn_constexprs(head_dim, block_p, dropout, bank, causal=True, key_mask=Tru
                 DOT_PRECISION="ieee")
 
 
-def compile_all(caps=(80, 90), dtypes=("fp16", "bf16"), head_dims=(64, 128, 80)):
-    """Every kernel and every shipped config, for each target, dtype and head dim.
+KERNELS = {
+    "fwd": prefix_attn_fwd_kernel, "bwd_seq": bwd_seq_kernel, "prefix_grad_partial": prefix_grad_partial_kernel,
+    "prefix_grad_reduce": prefix_grad_reduce_kernel, "bwd_preprocess": bwd_preprocess_kernel,
+    "dropout_mask": dropout_mask_kernel,
+}
 
-    Variants: fp16/bf16 x head dims x configs for the hot kernels (no dropout, shared prefix, the
-    training case) plus one variant with dropout, bank and prefix_lens per target.
+
+def compile_specs(caps=(80, 90)):
+    """(kernel, cap, dtype, constexprs, num_warps, num_stages, variant) of every compile to check.
+
+    Every shipped config of the attention kernels that autotuning may pick at head dims 64 and 128
+    (fp16), one config per head dim 40/80/96 and per bf16, and the features that change code
+    (dropout, bank, prefix_lens) once per target and dtype.
     """
-    results = []
-    for cap in caps:
-        for dtype in dtypes:
-            types = _attn_types(dtype)
-            for head_dim in head_dims:
+    from csrc_triton.attn_bwd import bwd_configs_for
+    from csrc_triton.attn_fwd import fwd_configs_for
+
+    specs = []
+    for cap in caps:  # the first config of each list is the default (untuned) one: variant "default"
+        for head_dim in (64, 128, 40, 80, 96):
+            dtypes = ("fp16", "bf16") if head_dim == 64 else ("fp16",)
+            all_configs = head_dim in (64, 128)
+            for dtype in dtypes:
                 cx = _attn_constexprs(head_dim, 16, dropout=False, bank=False)
-                for i, cfg in enumerate(FWD_GPU_CONFIGS):
-                    results.append(compile_kernel(
-                        prefix_attn_fwd_kernel, "fwd", cap, types, {**cx, **cfg.kwargs}, cfg.num_warps,
-                        cfg.num_stages, f"{dtype} d{head_dim} cfg{i}"))
-                for i, cfg in enumerate(BWD_GPU_CONFIGS):
-                    results.append(compile_kernel(
-                        bwd_seq_kernel, "bwd_seq", cap, types, {**cx, **cfg.kwargs}, cfg.num_warps,
-                        cfg.num_stages, f"{dtype} d{head_dim} cfg{i}"))
+                fwd = fwd_configs_for(FWD_GPU_CONFIGS, 1024, cx["BLOCK_D"])
+                bwd = bwd_configs_for(BWD_GPU_CONFIGS, cx["BLOCK_D"], cap)
+                if not (all_configs and dtype == "fp16"):
+                    fwd, bwd = fwd[:1], bwd[:1]
+                for i, cfg in enumerate(fwd):
+                    specs.append(("fwd", cap, dtype, {**cx, **cfg.kwargs}, cfg.num_warps, cfg.num_stages,
+                                  f"{dtype} d{head_dim} {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} "
+                                  f"w{cfg.num_warps}s{cfg.num_stages}{DEFAULT_MARK if i == 0 else ''}"))
+                for i, cfg in enumerate(bwd):
+                    k = cfg.kwargs
+                    specs.append(("bwd_seq", cap, dtype, {**cx, **k}, cfg.num_warps, cfg.num_stages,
+                                  f"{dtype} d{head_dim} {k['BLOCK_M1']}x{k['BLOCK_N1']}/{k['BLOCK_M2']}x{k['BLOCK_N2']} "
+                                  f"w{cfg.num_warps}s{cfg.num_stages}{DEFAULT_MARK if i == 0 else ''}"))
                 block_d = cx["BLOCK_D"]
-                results.append(compile_kernel(
-                    prefix_grad_partial_kernel, "prefix_grad_partial", cap, types,
-                    dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=64, BLOCK_M=64, HAS_BANK=False,
-                         HAS_PREFIX_LENS=False, HAS_DROPOUT=False, DOT_PRECISION="ieee"),
-                    variant=f"{dtype} d{head_dim}"))
-            # Rare features: dropout, bank, prefix_lens, one config each.
+                for block_p in ((16, 64) if head_dim == 64 else (64,)):
+                    specs.append(("prefix_grad_partial", cap, dtype,
+                                  dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=block_p, BLOCK_M=64, HAS_BANK=False,
+                                       HAS_PREFIX_LENS=False, HAS_DROPOUT=False, DOT_PRECISION="ieee"),
+                                  4, 3, f"{dtype} d{head_dim} P-tile {block_p}"))
+        for dtype in ("fp16", "bf16"):
             cx = _attn_constexprs(64, 64, dropout=True, bank=True)
             fcfg, bcfg = FWD_GPU_CONFIGS[0], BWD_GPU_CONFIGS[0]
-            results.append(compile_kernel(prefix_attn_fwd_kernel, "fwd", cap, types, {**cx, **fcfg.kwargs},
-                                          fcfg.num_warps, fcfg.num_stages, f"{dtype} d64 dropout+bank"))
-            results.append(compile_kernel(bwd_seq_kernel, "bwd_seq", cap, types, {**cx, **bcfg.kwargs},
-                                          bcfg.num_warps, bcfg.num_stages, f"{dtype} d64 dropout+bank"))
-            results.append(compile_kernel(
-                prefix_grad_partial_kernel, "prefix_grad_partial", cap, types,
-                dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_P=16, BLOCK_M=64, HAS_BANK=True, HAS_PREFIX_LENS=True,
-                     HAS_DROPOUT=True, DOT_PRECISION="ieee"), variant=f"{dtype} d64 dropout+bank"))
-            results.append(compile_kernel(
-                prefix_grad_reduce_kernel, "prefix_grad_reduce", cap, types,
-                dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_P=64, HAS_BANK=True), variant=dtype))
-            results.append(compile_kernel(
-                bwd_preprocess_kernel, "bwd_preprocess", cap, types,
-                dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=128, HAS_DLSE=True), variant=dtype))
-        results.append(compile_kernel(
-            dropout_mask_kernel, "dropout_mask", cap, _attn_types("fp32"),
-            dict(BLOCK_M=16, BLOCK_N=64), variant=""))
-    return results
+            specs.append(("fwd", cap, dtype, {**cx, **fcfg.kwargs}, fcfg.num_warps, fcfg.num_stages,
+                          f"{dtype} d64 dropout+bank+lens"))
+            specs.append(("bwd_seq", cap, dtype, {**cx, **bcfg.kwargs}, bcfg.num_warps, bcfg.num_stages,
+                          f"{dtype} d64 dropout+bank+lens"))
+            specs.append(("prefix_grad_partial", cap, dtype,
+                          dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_P=16, BLOCK_M=64, HAS_BANK=True, HAS_PREFIX_LENS=True,
+                               HAS_DROPOUT=True, DOT_PRECISION="ieee"), 4, 3, f"{dtype} d64 dropout+bank+lens"))
+            specs.append(("prefix_grad_reduce", cap, dtype, dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_P=64, HAS_BANK=True),
+                          4, 3, dtype))
+            specs.append(("bwd_preprocess", cap, dtype, dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=128, HAS_DLSE=True),
+                          4, 3, dtype))
+        specs.append(("dropout_mask", cap, "fp32", dict(BLOCK_M=16, BLOCK_N=64), 4, 3, ""))
+    return specs
+
+
+def _compile_spec(spec):
+    name, cap, dtype, constexprs, num_warps, num_stages, variant = spec
+    return compile_kernel(KERNELS[name], name, cap, _attn_types(dtype), constexprs, num_warps, num_stages, variant)
+
+
+def compile_all(caps=(80, 90), jobs=1):
+    """Compile every spec of compile_specs(), in ``jobs`` processes."""
+    specs = compile_specs(caps)
+    if jobs <= 1:
+        return [_compile_spec(s) for s in specs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile_spec, specs))
 
 
 def format_table(results) -> str:
-    lines = [f"{'kernel':<22}{'sm':>4}  {'variant':<28}{'regs':>6}{'shared':>9}{'spill B':>9}  tensor cores"]
+    lines = [f"{'kernel':<22}{'sm':>4}  {'variant':<46}{'regs':>6}{'shared':>9}{'stack B':>9}{'LDL/STL':>9}"
+             "  tensor cores"]
     for r in results:
         tc = "wgmma" if r.uses_wgmma else ("mma.sync" if r.uses_mma else "-")
-        lines.append(f"{r.name:<22}{r.cap:>4}  {r.variant:<28}{r.regs:>6}{r.shared:>9}{r.local:>9}  {tc}")
+        lines.append(f"{r.name:<22}{r.cap:>4}  {r.variant:<46}{r.regs:>6}{r.shared:>9}{r.stack:>9}{r.local_ops:>9}"
+                     f"  {tc}")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(format_table(compile_all()))
+    print(format_table(compile_all(jobs=os.cpu_count() or 1)))

@@ -46,6 +46,22 @@ def test_lse_gradient(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_output_gradients(backend):
+    """Regression: the gradient of lse.sum() (and out.sum()) arrives as a stride-0 expansion."""
+    case = Case(P=10, B=2, mask="left")
+    tensors, kwargs = make_inputs(case)
+    out, lse = prefix_attn_func(**tensors, **kwargs, return_lse=True, backend=backend)
+    grads = torch.autograd.grad(out.sum() + lse.sum(), list(tensors.values()))
+    ref_t = {k: v.detach().double().requires_grad_(True) for k, v in tensors.items()}
+    from prefix_attn.reference import prefix_attn_ref
+
+    ref_out, ref_lse = prefix_attn_ref(**ref_t, **kwargs, return_lse=True)
+    ref_grads = torch.autograd.grad(ref_out.sum() + ref_lse.sum(), list(ref_t.values()))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_head_dim_128(backend):
     check_against_reference(Case(P=10, B=1, H=1, D=128, Lq=17, Lk=17), torch.float32, backend)
 
