@@ -29,8 +29,9 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton._
 fi
 if has tests; then
   echo "== tests"
-  PREFIX_ATTN_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-330} python3 -m pytest tests -q -p no:cacheprovider \
-    --durations=15 ${TEST_ARGS:-} > "$work/tests.log" 2>&1 || status=1
+  # xdist spreads the many kernel compilations over the machine's cores.
+  PREFIX_ATTN_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-330} python3 -m pytest ${TEST_PATHS:-tests} -q -p no:cacheprovider \
+    -n ${TEST_WORKERS:-8} --durations=15 ${TEST_ARGS:-} > "$work/tests.log" 2>&1 || status=1
   tail -n 25 "$work/tests.log"
 fi
 if has sanitizer; then
@@ -43,10 +44,10 @@ if has bench; then
   echo "== benchmarks"
   timeout ${BENCH_TIMEOUT:-300} python3 -m benchmarks --out "$work/bench" ${BENCH_ARGS:-} > "$work/bench.log" 2>&1 \
     || status=1
-  tail -n 80 "$work/bench.log" | grep -v "point/s"
+  python3 -m benchmarks.digest "$work/bench/results.json" | tee "$work/digest.txt"
 fi
 cp "$work"/*.log "$work/env.txt" "$out/" 2>/dev/null
-cp "$work/bench/summary.md" "$out/" 2>/dev/null
+cp "$work/bench/summary.md" "$work/digest.txt" "$out/" 2>/dev/null
 tar -czf "$out/gpu_run.tar.gz" -C "$work" .
 echo "gpu_run: status $status, files in $out"
 exit $status
