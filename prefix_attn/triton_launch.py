@@ -81,14 +81,17 @@ def _tune_bucket(n: int) -> int:
     return max(16, _next_pow2(n))
 
 
-def _strides4(x: Optional[torch.Tensor]):
-    return (0, 0, 0, 0) if x is None else tuple(x.stride())
+def _prefix_strides(x: Optional[torch.Tensor]):
+    """(task, slot, head, dim) strides of a prefix (P, H, D) or bank (T, P, H, D), without a view."""
+    if x is None:
+        return (0, 0, 0, 0)
+    return tuple(x.stride()) if x.dim() == 4 else (0, *x.stride())
 
 
 def _launch_common(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
                    dropout_p, rng_state, dims: AttnDims):
     """Arguments every attention kernel takes in the same order, and its constexprs."""
-    pk, pv = _as_bank(prefix_k), _as_bank(prefix_v)
+    pk, pv = prefix_k, prefix_v
     mask = _mask_arg(attention_mask)
     dummy = q  # stands for absent optional tensors; never read by the kernels
     P = dims.prefix_len
@@ -101,7 +104,7 @@ def _launch_common(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attenti
         mask if mask is not None else dummy,
         rng_state if has_dropout else dummy,
     )
-    strides = (*q.stride(), *k.stride(), *v.stride(), *_strides4(pk), *_strides4(pv))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *_prefix_strides(pk), *_prefix_strides(pv))
     mask_strides = tuple(mask.stride()) if mask is not None else (0, 0)
     sizes = (dims.heads, dims.seqlen_q, dims.seqlen_k, P, groups_per_row(P, dims.seqlen_k),
              keep_threshold(dropout_p))
@@ -244,7 +247,7 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix
     )
 
     if dims.has_prefix:
-        pk, pv = _as_bank(prefix_k), _as_bank(prefix_v)
+        pk, pv = prefix_k, prefix_v
         block_p = cx["BLOCK_P"]
         n_qblocks, ipp, n_pieces, tables = _prefix_grad_plan(
             dims, prefix_idx, q.device, PREFIX_GRAD_BLOCK_M, block_p, items_per_piece)
@@ -256,15 +259,14 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix
         cx_p = dict(HEAD_DIM=D, BLOCK_D=cx["BLOCK_D"], BLOCK_P=block_p, HAS_BANK=cx["HAS_BANK"])
         prefix_grad_partial_kernel[(n_pieces, n_pblocks, H)](
             q, pk, pv, dout, lse_log2, delta, pointers[6], pointers[8], *tables, ws_k, ws_v,
-            *q.stride(), *pk.stride(), *pv.stride(), *dout.stride(),
+            *q.stride(), *_prefix_strides(pk), *_prefix_strides(pv), *dout.stride(),
             H, Lq, dims.prefix_len, p_pad, n_qblocks, ipp, B * n_qblocks, sizes[4], sizes[5],
             scale * LOG2E, scale, dropout_scale,
             BLOCK_M=PREFIX_GRAD_BLOCK_M, HAS_PREFIX_LENS=cx["HAS_PREFIX_LENS"], HAS_DROPOUT=cx["HAS_DROPOUT"],
             DOT_PRECISION=cx["DOT_PRECISION"], **cx_p,
         )
-        dpk4, dpv4 = _as_bank(dpk), _as_bank(dpv)
         prefix_grad_reduce_kernel[(dims.num_tasks, n_pblocks, H)](
-            ws_k, ws_v, tables[2], dpk4, dpv4, *dpk4.stride(), *dpv4.stride(),
+            ws_k, ws_v, tables[2], dpk, dpv, *_prefix_strides(dpk), *_prefix_strides(dpv),
             H, dims.prefix_len, p_pad, n_pieces, **cx_p,
         )
     return dq, dk, dv, dpk, dpv

@@ -94,7 +94,7 @@ def test_zero_length_prefix_is_plain_attention(backend):
 def test_prefix_lens_zero_equals_no_prefix(backend):
     case = Case(P=8, prefix_lens=True)
     tensors, kwargs = make_inputs(case)
-    kwargs["prefix_lens"] = torch.zeros(1, dtype=torch.int64)
+    kwargs["prefix_lens"] = torch.zeros(1, dtype=torch.int64, device=tensors["q"].device)
     with_prefix = prefix_attn_func(**tensors, **kwargs, backend=backend)
     plain = {k: tensors[k] for k in ("q", "k", "v")}
     without = prefix_attn_func(**plain, causal=True, backend=backend)
