@@ -10,6 +10,7 @@ import torch
 from csrc_triton.attn_bwd import bwd_preprocess_kernel, bwd_seq_kernel
 from csrc_triton.attn_fwd import prefix_attn_fwd_kernel
 from csrc_triton.common import INTERPRET, LOG2E
+from csrc_triton.decode import decode_merge_kernel, decode_prefix_kernel, decode_seq_kernel
 from csrc_triton.dropout_mask import dropout_mask_kernel
 from csrc_triton.prefix_grad import prefix_grad_partial_kernel, prefix_grad_reduce_kernel
 from prefix_attn.checks import (
@@ -22,6 +23,13 @@ PREFIX_GRAD_BLOCK_M = 16 if INTERPRET else 64
 PREPROCESS_BLOCK_M = 16 if INTERPRET else 128
 # Programs per SM the prefix-gradient stage aims for.
 PREFIX_GRAD_WAVES = 4
+# The decode path serves calls with at most this many queries per sequence and no dropout.
+DECODE_MAX_QUERIES = 16
+DECODE_BLOCK_M = 16  # query rows of one sequence per program (>= DECODE_MAX_QUERIES)
+DECODE_BLOCK_R = 16 if INTERPRET else 64  # stacked query rows per prefix tile
+DECODE_BLOCK_N = 16 if INTERPRET else 64  # keys (or prefix slots) per inner step
+DECODE_MIN_SPLIT = 16 if INTERPRET else 256  # fewest keys per split-KV part
+DECODE_WAVES = 4  # programs per SM the decode splits aim for
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -151,6 +159,9 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, atte
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    if Lq <= DECODE_MAX_QUERIES and dropout_p == 0.0:
+        return decode_forward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal,
+                              softmax_scale, dims, out, lse)
     pointers, strides, mask_strides, sizes, scale, cx, tune = _launch_common(
         q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
         dropout_p, rng_state, dims)
@@ -158,6 +169,82 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, atte
     prefix_attn_fwd_kernel[grid](
         *pointers, out, lse, *strides, *out.stride(), *mask_strides, *sizes,
         scale * LOG2E, keep_scale(dropout_p), *tune, **cx,
+    )
+    return out, lse
+
+
+def _task_pieces(dims: AttnDims, prefix_idx, device, units_per_row: int, units_per_piece: int):
+    """Cut each task's work into pieces of ``units_per_piece`` units, ``units_per_row`` per sequence,
+    sequences taken in task order. Returns (n_pieces, tables): n_pieces an upper bound known without
+    reading prefix_idx (no host sync, CUDA-graph safe), and for a bank the device tables
+    (row_order, task_row_start, task_piece_start, piece_task) the kernels read."""
+    n_units = dims.batch * units_per_row
+    if not dims.is_bank:
+        return _cdiv(n_units, units_per_piece), None
+    T = dims.num_tasks
+    idx = prefix_idx.to(torch.int64)
+    row_order = torch.argsort(idx, stable=True)
+    counts = torch.bincount(idx, minlength=T)
+    zero = torch.zeros(1, dtype=torch.int64, device=device)
+    task_row_start = torch.cat([zero, torch.cumsum(counts, 0)])
+    pieces = (counts * units_per_row + units_per_piece - 1) // units_per_piece
+    task_piece_start = torch.cat([zero, torch.cumsum(pieces, 0)])
+    # Sum over tasks of ceil(units_t / size) <= total / size + tasks present.
+    n_pieces = _cdiv(n_units, units_per_piece) + min(T, dims.batch)
+    piece_ids = torch.arange(n_pieces, device=device, dtype=torch.int64)
+    piece_task = torch.searchsorted(task_piece_start[1:], piece_ids, right=True)
+    piece_task = torch.where(piece_task < T, piece_task, torch.full_like(piece_task, -1))
+    return n_pieces, (row_order, task_row_start, task_piece_start, piece_task)
+
+
+def _decode_splits(total: int, parallel: int, min_per_split: int, block: int, device) -> tuple[int, int]:
+    """(n_splits, per_split) that cut ``total`` keys so that parallel * n_splits fills the GPU,
+    each split at least ``min_per_split`` long and a multiple of ``block``."""
+    if total <= 0:
+        return 0, block
+    want = max(1, _cdiv(DECODE_WAVES * num_sms(device), max(1, parallel)))
+    n_splits = max(1, min(want, _cdiv(total, min_per_split)))
+    per_split = _cdiv(_cdiv(total, n_splits), block) * block
+    return _cdiv(total, per_split), per_split
+
+
+def decode_forward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
+                   dims: AttnDims, out, lse):
+    """Forward for a few queries per sequence (Lq <= DECODE_MAX_QUERIES), memory-bound: the prefix
+    is read once per tile of stacked query rows of one task, each sequence's keys with split-KV, and
+    all parts are merged by log-sum-exp in fp32. Same results as the main forward kernel."""
+    B, Lq, H, D = q.shape
+    Lk, P = dims.seqlen_k, dims.prefix_len
+    device = q.device
+    scale = default_scale(D, softmax_scale)
+    block_d = max(16, _next_pow2(D))
+    precision = _dot_precision(q.dtype)
+    n_tiles, tables = _task_pieces(dims, prefix_idx, device, Lq, DECODE_BLOCK_R) if dims.has_prefix else (0, None)
+    n_psplits, slots_per_split = _decode_splits(P, n_tiles * H, DECODE_MIN_SPLIT, DECODE_BLOCK_N, device)
+    n_ssplits, keys_per_split = _decode_splits(Lk, B * H, DECODE_MIN_SPLIT, DECODE_BLOCK_N, device)
+    n_parts = n_psplits + n_ssplits
+    part_out = torch.empty((n_parts, B, Lq, H, D), dtype=torch.float32, device=device)
+    part_lse = torch.empty((n_parts, B, H, Lq), dtype=torch.float32, device=device)
+    if n_psplits:
+        tables = tables if tables is not None else (q,) * 4
+        decode_prefix_kernel[(n_tiles, n_psplits, H)](
+            q, prefix_k, prefix_v, prefix_lens if prefix_lens is not None else q, *tables, part_out, part_lse,
+            *q.stride(), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
+            B, H, Lq, P, B * Lq, slots_per_split, scale * LOG2E,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=DECODE_BLOCK_R, BLOCK_P=DECODE_BLOCK_N,
+            HAS_BANK=dims.is_bank, HAS_PREFIX_LENS=prefix_lens is not None, DOT_PRECISION=precision,
+        )
+    mask = _mask_arg(attention_mask)
+    decode_seq_kernel[(n_ssplits, B * H)](
+        q, k, v, mask if mask is not None else q, part_out, part_lse,
+        *q.stride(), *k.stride(), *v.stride(), *(mask.stride() if mask is not None else (0, 0)),
+        B, H, Lq, Lk, keys_per_split, n_psplits, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=DECODE_BLOCK_M, BLOCK_N=DECODE_BLOCK_N,
+        HAS_KEY_MASK=mask is not None, CAUSAL=bool(causal), DOT_PRECISION=precision,
+    )
+    decode_merge_kernel[(B * H,)](
+        part_out, part_lse, out, lse, *out.stride(), B, H, Lq, n_parts,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=DECODE_BLOCK_M,
     )
     return out, lse
 
@@ -170,22 +257,7 @@ def _prefix_grad_plan(dims: AttnDims, prefix_idx, device, block_m: int, block_p:
     if items_per_piece is None:
         target_pieces = max(1, _cdiv(PREFIX_GRAD_WAVES * num_sms(device), n_pblocks * dims.heads))
         items_per_piece = max(1, _cdiv(n_items, target_pieces))
-    if not dims.is_bank:
-        return n_query_blocks, items_per_piece, _cdiv(n_items, items_per_piece), None
-    T = dims.num_tasks
-    idx = prefix_idx.to(torch.int64)
-    row_order = torch.argsort(idx, stable=True)
-    counts = torch.bincount(idx, minlength=T)
-    zero = torch.zeros(1, dtype=torch.int64, device=device)
-    task_row_start = torch.cat([zero, torch.cumsum(counts, 0)])
-    pieces = (counts * n_query_blocks + items_per_piece - 1) // items_per_piece
-    task_piece_start = torch.cat([zero, torch.cumsum(pieces, 0)])
-    # Upper bound without reading the counts: sum of ceils <= total / size + tasks present.
-    n_pieces = _cdiv(n_items, items_per_piece) + min(T, dims.batch)
-    piece_ids = torch.arange(n_pieces, device=device, dtype=torch.int64)
-    piece_task = torch.searchsorted(task_piece_start[1:], piece_ids, right=True)
-    piece_task = torch.where(piece_task < T, piece_task, torch.full_like(piece_task, -1))
-    tables = (row_order, task_row_start, task_piece_start, piece_task)
+    n_pieces, tables = _task_pieces(dims, prefix_idx, device, n_query_blocks, items_per_piece)
     return n_query_blocks, items_per_piece, n_pieces, tables
 
 

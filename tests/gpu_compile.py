@@ -19,11 +19,13 @@ from triton.runtime.autotuner import Autotuner
 
 from csrc_triton.attn_bwd import BWD_GPU_CONFIGS, bwd_preprocess_kernel, bwd_seq_kernel
 from csrc_triton.attn_fwd import FWD_GPU_CONFIGS, prefix_attn_fwd_kernel
+from csrc_triton.decode import decode_merge_kernel, decode_prefix_kernel, decode_seq_kernel
 from csrc_triton.dropout_mask import dropout_mask_kernel
 from csrc_triton.prefix_grad import prefix_grad_partial_kernel, prefix_grad_reduce_kernel
 
-INT_ARGS = {"H", "Lq", "Lk", "P", "P_pad", "TUNE_LQ", "TUNE_LK", "drop_groups_per_row", "keep_threshold",
-            "n_query_blocks", "items_per_piece", "n_items", "n_pieces", "n_rows", "n_cols_prefix", "n_cols_seq"}
+INT_ARGS = {"B", "H", "Lq", "Lk", "P", "P_pad", "TUNE_LQ", "TUNE_LK", "drop_groups_per_row", "keep_threshold",
+            "n_query_blocks", "items_per_piece", "n_items", "n_pieces", "n_rows", "n_cols_prefix", "n_cols_seq",
+            "slots_per_split", "keys_per_split", "first_part", "n_parts"}
 DEFAULT_MARK = " (default)"  # the config a launch uses without autotuning
 DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
@@ -112,11 +114,11 @@ def _attn_types(dtype):
 
     def types(name):
         if name in ("PREFIX_IDX", "PREFIX_LENS", "RNG", "ROW_ORDER", "TASK_ROW_START", "TASK_PIECE_START",
-                    "PIECE_TASK"):
+                    "PIECE_TASK", "TASK_TILE_START", "TILE_TASK"):
             return "*i64"
         if name == "KEY_MASK":
             return "*u8"
-        if name in ("Lse", "LseLog2", "Delta", "dLse", "dPK_ws", "dPV_ws"):
+        if name in ("Lse", "LseLog2", "Delta", "dLse", "dPK_ws", "dPV_ws", "OutPart", "LsePart"):
             return "*fp32"
         if name in ("qk_scale", "softmax_scale", "dropout_scale"):
             return "fp32"
@@ -137,7 +139,8 @@ def _attn_constexprs(head_dim, block_p, dropout, bank, causal=True, key_mask=Tru
 KERNELS = {
     "fwd": prefix_attn_fwd_kernel, "bwd_seq": bwd_seq_kernel, "prefix_grad_partial": prefix_grad_partial_kernel,
     "prefix_grad_reduce": prefix_grad_reduce_kernel, "bwd_preprocess": bwd_preprocess_kernel,
-    "dropout_mask": dropout_mask_kernel,
+    "dropout_mask": dropout_mask_kernel, "decode_prefix": decode_prefix_kernel, "decode_seq": decode_seq_kernel,
+    "decode_merge": decode_merge_kernel,
 }
 
 
@@ -192,6 +195,16 @@ def compile_specs(caps=(80, 90)):
             specs.append(("bwd_preprocess", cap, dtype, dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=128, HAS_DLSE=True),
                           4, 3, dtype))
         specs.append(("dropout_mask", cap, "fp32", dict(BLOCK_M=16, BLOCK_N=64), 4, 3, ""))
+        for dtype in ("fp16", "bf16"):
+            for head_dim in (64, 128):
+                block_d = max(16, 1 << (head_dim - 1).bit_length())
+                common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION="ieee")
+                specs.append(("decode_prefix", cap, dtype, dict(common, BLOCK_R=64, BLOCK_P=64, HAS_BANK=True,
+                                                                HAS_PREFIX_LENS=True), 4, 3, f"{dtype} d{head_dim}"))
+                specs.append(("decode_seq", cap, dtype, dict(common, BLOCK_M=16, BLOCK_N=64, HAS_KEY_MASK=True,
+                                                             CAUSAL=True), 4, 3, f"{dtype} d{head_dim}"))
+                specs.append(("decode_merge", cap, dtype, dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=16),
+                              4, 3, f"{dtype} d{head_dim}"))
     return specs
 
 

@@ -1,0 +1,126 @@
+"""The decode path (a few queries per sequence): prefix read once per tile of stacked rows,
+split-KV over each cache, log-sum-exp merge. Against the float64 reference and the main kernel."""
+import pytest
+import torch
+
+from prefix_attn import prefix_attn_func, triton_launch
+from prefix_attn.checks import check_attention_inputs
+from tests.conftest import DEVICE
+from tests.helpers import Case, check_against_reference, make_inputs
+
+DECODE_CASES = [
+    Case(B=3, Lq=1, Lk=40, P=10),                                           # one token, shared prefix
+    Case(B=5, Lq=2, Lk=70, P=37, T=3, prefix_lens=True, mask="left"),      # bank, lens, left padding
+    Case(B=4, Lq=4, Lk=33, P=0, mask="left"),                               # no prefix, speculative 4
+    Case(B=16, Lq=1, Lk=20, P=50, T=2, mask="right"),                       # 16 sequences, 2 tasks
+    Case(B=2, Lq=3, Lk=3, P=5, mask="empty_row"),                           # cache = queries, empty row
+    Case(B=2, Lq=1, Lk=90, P=20, D=80, H=1, causal=False, mask="holes"),    # head dim 80, non-causal
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+def test_decode_against_reference(case):
+    check_against_reference(case, torch.float32, "triton")
+
+
+@pytest.mark.parametrize("case", DECODE_CASES[:2], ids=str)
+def test_decode_fp16(case):
+    check_against_reference(case, torch.float16, "triton")
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+def test_decode_path_equals_main_kernel(case, monkeypatch):
+    tensors, kwargs = make_inputs(case, requires_grad=False)
+    decode = prefix_attn_func(**tensors, **kwargs, return_lse=True, backend="triton")
+    monkeypatch.setattr(triton_launch, "DECODE_MAX_QUERIES", 0)
+    main = prefix_attn_func(**tensors, **kwargs, return_lse=True, backend="triton")
+    torch.testing.assert_close(decode[0], main[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decode[1], main[1], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_path_is_taken(monkeypatch):
+    calls = []
+    real = triton_launch.decode_forward
+    monkeypatch.setattr(triton_launch, "decode_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tensors, kwargs = make_inputs(Case(B=2, Lq=1, Lk=30, P=8), requires_grad=False)
+    prefix_attn_func(**tensors, **kwargs, backend="triton")
+    assert calls
+    calls.clear()
+    prefix_attn_func(**tensors, **kwargs, backend="triton", dropout_p=0.1)  # dropout: main kernel
+    assert not calls
+
+
+def test_prefix_tiles_stack_sequences_of_one_task():
+    """B = 64 one-token rows of 2 tasks: one tile per task (BLOCK_R rows), not one per sequence."""
+    B, T = 64, 2
+    q = torch.zeros(B, 1, 1, 16, device=DEVICE)
+    k = torch.zeros(B, 4, 1, 16, device=DEVICE)
+    pk = torch.zeros(T, 8, 1, 16, device=DEVICE)
+    idx = torch.arange(B, device=DEVICE) % T
+    dims = check_attention_inputs(q, k, k, pk, pk, idx)
+    n_tiles, tables = triton_launch._task_pieces(dims, idx, q.device, 1, 32)
+    row_order, task_row_start, task_piece_start, piece_task = tables
+    assert task_piece_start.tolist() == [0, 1, 2]  # 32 rows of each task: one tile each
+    assert piece_task[:2].tolist() == [0, 1] and (piece_task[2:] == -1).all() and n_tiles >= 2
+    assert (idx[row_order[:32]] == 0).all() and (idx[row_order[32:]] == 1).all()
+
+
+def test_decode_gradients(monkeypatch):
+    """Small-Lq training calls take the decode forward; its out and lse feed the main backward."""
+    check_against_reference(Case(B=3, Lq=2, Lk=25, P=12, T=2, mask="left"), torch.float32, "triton", with_dlse=True)
+
+
+def _static_cache_step(q, k_new, v_new, k_cache, v_cache, filled, step, pk, pv, backend):
+    """One decode step with a preallocated cache: write the new token's K/V at position ``step``
+    and attend over the filled slots (the unfilled tail is masked)."""
+    k_cache[:, step] = k_new[:, 0]
+    v_cache[:, step] = v_new[:, 0]
+    mask = filled | (torch.arange(k_cache.shape[1], device=q.device) == step)[None, :]
+    # Queries sit at the end of the cache: attend over all slots with the mask, non-causal.
+    return prefix_attn_func(q, k_cache, v_cache, pk, pv, attention_mask=mask, causal=False, backend=backend), mask
+
+
+def test_static_cache_step_compiles_fullgraph_cpu():
+    """A decode step over a static cache compiles with fullgraph=True (torch backend on CPU)."""
+    torch._dynamo.reset()
+    B, H, D, L, P = 2, 2, 16, 12, 5
+    q, k_new, v_new = (torch.randn(B, 1, H, D) for _ in range(3))
+    pk, pv = torch.randn(P, H, D), torch.randn(P, H, D)
+    filled = torch.zeros(B, L, dtype=torch.bool)
+    filled[:, :4] = True
+
+    def step(q, k_new, v_new, k_cache, v_cache, filled, pk, pv):
+        return _static_cache_step(q, k_new, v_new, k_cache, v_cache, filled, 4, pk, pv, "torch")
+
+    caches = [torch.randn(B, L, H, D), torch.randn(B, L, H, D)]
+    eager_caches = [c.clone() for c in caches]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    (out_c, _), (out_e, _) = (compiled(q, k_new, v_new, *caches, filled, pk, pv),
+                              step(q, k_new, v_new, *eager_caches, filled, pk, pv))
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(caches[0], eager_caches[0])
+
+
+@pytest.mark.gpu
+def test_decode_step_cuda_graph():
+    """The decode path captures in a CUDA graph (no host sync) and replays with new inputs."""
+    B, H, D, L, P, T = 8, 4, 64, 256, 32, 2
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(B, 1, H, D, device=dev, dtype=dt)
+    k, v = (torch.randn(B, L, H, D, device=dev, dtype=dt) for _ in range(2))
+    pk, pv = (torch.randn(T, P, H, D, device=dev, dtype=dt) for _ in range(2))
+    idx = torch.arange(B, device=dev) % T
+    mask = torch.ones(B, L, dtype=torch.bool, device=dev)
+    run = lambda: prefix_attn_func(q, k, v, pk, pv, prefix_idx=idx, attention_mask=mask)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # warm-up: compiles and checks prefix_idx outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run()
+    q.copy_(torch.randn_like(q))
+    mask[:, :100] = False
+    graph.replay()
+    torch.testing.assert_close(static_out, run(), atol=0, rtol=0)
