@@ -6,11 +6,22 @@ import sys
 
 import torch
 
-from benchmarks import bench_attention
+from benchmarks import bench_attention, bench_decode
 from benchmarks.measure import device_name, environment, measure_ceilings
 from benchmarks.report import write_results
 
-BENCHES = {"attention": bench_attention.run}
+BENCHES = {"attention": bench_attention.run, "decode": bench_decode.run}
+
+
+def autotuned_configs() -> dict:
+    """The config autotuning chose for each kernel and key in this run (when Triton ran)."""
+    if "prefix_attn.triton_launch" not in sys.modules:
+        return {}
+    from csrc_triton.attn_bwd import bwd_seq_kernel
+    from csrc_triton.attn_fwd import prefix_attn_fwd_kernel
+
+    return {kernel.fn.__name__: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
+            for kernel in (prefix_attn_fwd_kernel, bwd_seq_kernel)}
 
 
 def default_out(device) -> str:
@@ -42,9 +53,12 @@ def main(argv=None) -> int:
         if args.only and name != args.only:
             continue
         providers = args.providers.split(",") if args.providers else None
-        for record in tqdm(bench(args.quick, args.device, providers), desc=name, unit="point", file=sys.stderr):
+        extra = {"copy_gbps": env["ceilings"]["copy_gbps"]} if name == "decode" else {}
+        for record in tqdm(bench(args.quick, args.device, providers, **extra), desc=name, unit="point",
+                           file=sys.stderr):
             records.append({**record, "device": env["device"], "torch": env["torch"], "triton": env["triton"],
                             "commit": env["commit"]})
+    env["autotuned"] = autotuned_configs()
     summary = write_results(records, env, out_dir, quick=args.quick)
     print(summary)
     print(f"results written to {out_dir}")

@@ -107,11 +107,11 @@ def _measure(fn, inputs, dout, grads_of, shape, device, base):
     for mode in MODES:
         ms = time_ms(closures[mode], device, grad_to_none=grads_of)
         mem = peak_memory_mb(closures[mode], device) if mode != "bwd" else float("nan")
-        kernel_ms, per_kernel = kernel_time_ms(closures[mode], device)
+        kernel_ms, per_kernel = kernel_time_ms(closures[mode], device, grad_to_none=grads_of)
         yield {**base, "mode": mode, "ms_p50": ms[0], "ms_p20": ms[1], "ms_p80": ms[2],
                "tflops": shape.flops(mode) / ms[0] / 1e9, "peak_mem_mb": mem,
                "kernel_ms": kernel_ms, "kernel_tflops": shape.flops(mode) / kernel_ms / 1e9,
-               "host_us": host_us_per_call(closures[mode], device, calls=50),
+               "host_us": host_us_per_call(closures[mode], device, calls=50, grad_to_none=grads_of),
                "kernels": {k: round(v, 5) for k, v in per_kernel.items()}}
     for t in grads_of:
         t.grad = None

@@ -24,6 +24,14 @@ def main(argv=None):
               f"{r.get('kernel_ms', float('nan')):>9.3f}{r.get('kernel_tflops', float('nan')):>9.1f}"
               f"{r.get('host_us', float('nan')):>8.0f}{r.get('peak_mem_mb', float('nan')):>8.1f}")
     for r in data["records"]:
+        if r.get("mode") == "decode" and not r.get("skipped"):
+            print(f"  decode B={r['B']} P={r['P']} L={r['L']} {r['provider']}: {r['ms_p50']:.4f} ms, kernel "
+                  f"{r['kernel_ms']:.4f} ms, {r.get('kernel_gbps', float('nan')):.0f} GB/s "
+                  f"({100 * r.get('frac_of_copy_bw', float('nan')):.0f}% of copy)")
+    for name, table in data["environment"].get("autotuned", {}).items():
+        for key, cfg in table.items():
+            print(f"  autotuned {name} {key[:70]}: {cfg}")
+    for r in data["records"]:
         if r["provider"] == "prefix_attn" and r.get("kernels") and r.get("P") in (10, 256) and r.get("L") == 1024:
             top = sorted(r["kernels"].items(), key=lambda kv: -kv[1])[:6]
             print(f"  kernels {r['mode']} P={r['P']}: " + "; ".join(f"{k[:40]} {v:.3f}" for k, v in top))

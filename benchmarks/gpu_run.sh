@@ -19,6 +19,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 steps=${GPU_RUN_STEPS:-env,tests,sanitizer,bench}
 status=0
 has() { case ",$steps," in *",$1,"*) return 0;; *) return 1;; esac; }
+save() { cp "$work"/*.log "$work"/*.txt "$out/" 2>/dev/null; tar -czf "$out/gpu_run.tar.gz" -C "$work" . 2>/dev/null; }
 
 if has env; then
   { date -u; nvidia-smi; python3 -c "import torch, triton, transformers, sys; print(sys.version); \
@@ -33,12 +34,14 @@ if has tests; then
   PREFIX_ATTN_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-330} python3 -m pytest ${TEST_PATHS:-tests} -q -p no:cacheprovider \
     -n ${TEST_WORKERS:-8} --durations=15 ${TEST_ARGS:-} > "$work/tests.log" 2>&1 || status=1
   tail -n 25 "$work/tests.log"
+  save
 fi
 if has sanitizer; then
   echo "== compute-sanitizer memcheck"
   PREFIX_ATTN_AUTOTUNE=0 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 \
     python3 benchmarks/sanitize_small.py > "$work/sanitizer.log" 2>&1 || status=1
   tail -n 8 "$work/sanitizer.log"
+  save
 fi
 if has bench; then
   echo "== benchmarks"
@@ -46,8 +49,7 @@ if has bench; then
     || status=1
   python3 -m benchmarks.digest "$work/bench/results.json" | tee "$work/digest.txt"
 fi
-cp "$work"/*.log "$work/env.txt" "$out/" 2>/dev/null
-cp "$work/bench/summary.md" "$work/digest.txt" "$out/" 2>/dev/null
-tar -czf "$out/gpu_run.tar.gz" -C "$work" .
+cp "$work/bench/summary.md" "$out/" 2>/dev/null
+save
 echo "gpu_run: status $status, files in $out"
 exit $status

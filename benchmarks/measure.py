@@ -149,17 +149,26 @@ def measure_ceilings(device) -> dict:
             "copy_gbps": 2 * x.numel() * 4 / copy_ms / 1e6}
 
 
-def kernel_time_ms(fn: Callable[[], object], device, iters: int = 10) -> tuple[float, dict]:
+def _clear_grads(tensors):
+    for t in tensors or ():
+        t.grad = None
+
+
+def kernel_time_ms(fn: Callable[[], object], device, iters: int = 10, grad_to_none=None) -> tuple[float, dict]:
     """GPU busy time per call (ms): the sum of the durations of the kernels fn() launches, from
-    torch.profiler, without host overhead or launch gaps; and the per-kernel split (ms)."""
+    torch.profiler, without host overhead or launch gaps; and the per-kernel split (ms).
+    grad_to_none: tensors whose .grad is reset before each call (else gradient accumulation adds
+    kernels that a single call does not run)."""
     if not on_gpu(device):
         return float("nan"), {}
     from torch.profiler import ProfilerActivity, profile
 
+    _clear_grads(grad_to_none)
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
+            _clear_grads(grad_to_none)
             fn()
         torch.cuda.synchronize()
     per_kernel = {}
@@ -173,13 +182,14 @@ def kernel_time_ms(fn: Callable[[], object], device, iters: int = 10) -> tuple[f
     return sum(per_kernel.values()), per_kernel
 
 
-def host_us_per_call(fn: Callable[[], object], device, calls: int = 200) -> float:
+def host_us_per_call(fn: Callable[[], object], device, calls: int = 200, grad_to_none=None) -> float:
     """Host time per call (µs) issuing fn() back to back: the launch overhead when the GPU is fast."""
     fn()
     if on_gpu(device):
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
+        _clear_grads(grad_to_none)
         fn()
     elapsed = time.perf_counter() - start
     if on_gpu(device):

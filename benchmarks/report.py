@@ -6,7 +6,7 @@ import os
 from collections import defaultdict
 
 FIELDS = ["bench", "provider", "mode", "dtype", "B", "H", "L", "P", "D", "ms_p50", "ms_p20", "ms_p80", "tflops",
-          "kernel_ms", "kernel_tflops", "host_us", "gbps", "tokens_per_s", "peak_mem_mb", "device", "torch", "triton",
+          "kernel_ms", "kernel_tflops", "host_us", "bytes", "gbps", "kernel_gbps", "frac_of_copy_bw", "tokens_per_s", "peak_mem_mb", "device", "torch", "triton",
           "commit", "skipped"]
 SHAPE_KEYS = ("B", "H", "L", "P", "D", "dtype")
 FUSED = ("prefix_attn", "prefix_attn_torch", "peft+patch", "native")

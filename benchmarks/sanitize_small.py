@@ -19,8 +19,10 @@ def main():
         out, lse = prefix_attn_func(q, k, v, pk, pv, prefix_idx=idx, prefix_lens=lens, attention_mask=mask,
                                     dropout_p=0.1, return_lse=True)
         (out.float().sum() + lse.sum()).backward()
-        out = prefix_attn_func(q[:, -1:], k, v, pk[0], pv[0], causal=True)
+        out = prefix_attn_func(q[:, -1:], k, v, pk[0], pv[0], causal=True)  # decode path
         out.float().sum().backward()
+        with torch.no_grad():  # decode path with a bank, prefix_lens and padding
+            prefix_attn_func(q[:, -2:], k, v, pk, pv, prefix_idx=idx, prefix_lens=lens, attention_mask=mask)
     dropout_keep_mask_triton(torch.tensor([1, 2], device=dev), B, H, L, P, L, 0.2)
     torch.cuda.synchronize()
     print("sanitize_small: done")

@@ -129,7 +129,8 @@ def prefix_grad_reduce_kernel(
     ws_mask = (slots[:, None] < P_pad) & (offs_d[None, :] < HEAD_DIM)
     acc_k = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
     acc_v = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
-    for piece in range(piece_lo, piece_hi):
+    # Pieces are independent loads: pipeline them (the loop is latency bound for small P).
+    for piece in tl.range(piece_lo, piece_hi, num_stages=3):
         ws = (piece * H + h) * P_pad * HEAD_DIM + slots[:, None] * HEAD_DIM + offs_d[None, :]
         acc_k += tl.load(dPK_ws + ws, mask=ws_mask, other=0.0)
         acc_v += tl.load(dPV_ws + ws, mask=ws_mask, other=0.0)
