@@ -184,7 +184,8 @@ def _task_pieces(dims: AttnDims, prefix_idx, device, units_per_row: int, units_p
     T = dims.num_tasks
     idx = prefix_idx.to(torch.int64)
     row_order = torch.argsort(idx, stable=True)
-    counts = torch.bincount(idx, minlength=T)
+    # Not bincount: on CUDA it reads the maximum on the host, which CUDA-graph capture forbids.
+    counts = torch.zeros(T, dtype=torch.int64, device=device).scatter_add_(0, idx, torch.ones_like(idx))
     zero = torch.zeros(1, dtype=torch.int64, device=device)
     task_row_start = torch.cat([zero, torch.cumsum(counts, 0)])
     pieces = (counts * units_per_row + units_per_piece - 1) // units_per_piece
