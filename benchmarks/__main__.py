@@ -6,11 +6,11 @@ import sys
 
 import torch
 
-from benchmarks import bench_attention, bench_decode
+from benchmarks import bench_attention, bench_decode, bench_e2e
 from benchmarks.measure import device_name, environment, measure_ceilings
 from benchmarks.report import write_results
 
-BENCHES = {"attention": bench_attention.run, "decode": bench_decode.run}
+BENCHES = {"attention": bench_attention.run, "decode": bench_decode.run, "e2e": bench_e2e.run}
 
 
 def autotuned_configs() -> dict:

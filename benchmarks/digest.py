@@ -28,6 +28,11 @@ def main(argv=None):
             print(f"  decode B={r['B']} P={r['P']} L={r['L']} {r['provider']}: {r['ms_p50']:.4f} ms, kernel "
                   f"{r['kernel_ms']:.4f} ms, {r.get('kernel_gbps', float('nan')):.0f} GB/s "
                   f"({100 * r.get('frac_of_copy_bw', float('nan')):.0f}% of copy)")
+    for r in data["records"]:
+        if r.get("bench", "").startswith("e2e") and not r.get("skipped"):
+            print(f"  {r['bench']} {r.get('model')} B={r['B']} L={r['L']} P={r['P']} {r['provider']}: "
+                  f"{r['ms_p50']:.2f} ms, {r['tokens_per_s']:.0f} tok/s, peak {r['peak_mem_mb']:.0f} MiB "
+                  f"(expanded prefix {r.get('expanded_prefix_mb', float('nan')):.0f} MiB)")
     for name, table in data["environment"].get("autotuned", {}).items():
         for key, cfg in table.items():
             print(f"  autotuned {name} {key[:70]}: {cfg}")

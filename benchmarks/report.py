@@ -54,7 +54,7 @@ def summary_markdown(records, env, quick) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (bench, mode, shape), group in sorted(_group(measured).items(), key=lambda kv: str(kv[0])):
         by_provider = {r["provider"]: r for r in group}
-        base = by_provider.get("concat_sdpa") or by_provider.get("peft_sdpa")
+        base = by_provider.get("concat_sdpa") or by_provider.get("peft_sdpa")  # the path users run today
         for r in group:
             speed = mem = "-"
             if base and r is not base:

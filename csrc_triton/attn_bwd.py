@@ -134,15 +134,17 @@ def accumulate_dq(
     return dq
 
 
-# (BLOCK_M1, BLOCK_N1) tile the dK/dV part, (BLOCK_M2, BLOCK_N2) the dQ part; BLOCK_N1 ==
-# BLOCK_M2 so that program j owns key block j and query block j.
+# (BLOCK_M1, BLOCK_N1) tile the dK/dV part, (BLOCK_M2, BLOCK_N2) the dQ part; BLOCK_N1 == BLOCK_M2
+# so that program j owns key block j and query block j. Best first (what runs without
+# autotuning): on an H100 (bf16, D = 64) autotuning picked 64 x 64 / 64 x 64 at L = 1024 and 2048,
+# the 8-warp 128-key tile at L = 512 (run3-e34d600).
 BWD_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M1": 32, "BLOCK_N1": 128, "BLOCK_M2": 128, "BLOCK_N2": 32}, num_warps=4, num_stages=5),
     triton.Config({"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64}, num_warps=4, num_stages=2),
 ]
 BWD_INTERPRETER_CONFIG = triton.Config(
     {"BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16}, num_warps=4, num_stages=1)

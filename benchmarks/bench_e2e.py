@@ -1,0 +1,180 @@
+"""End-to-end benchmark: GPT-2 prefix tuning, a training step and generate(), per route.
+
+Routes (providers): peft_sdpa (PEFT prefix tuning alone, SDPA attention: what users run today),
+peft+patch (the same PEFT model after apply_prefix_attn_to_peft), native (prefix_attn.PrefixTuning)
+and prompt_tuning (PEFT prompt tuning with the same number of virtual tokens, SDPA), on GPT-2 small
+and medium shapes with random weights (no download), bf16 on GPU. A training step is forward +
+backward + AdamW step on the trainable parameters, in train mode (GPT-2's dropouts active, as in a
+real run). Figures: ms per step, tokens/s, peak memory; generate: ms and new tokens/s.
+"""
+import dataclasses
+import gc
+import time
+from typing import Iterator
+
+import torch
+
+from benchmarks.measure import on_gpu
+
+ROUTES = ("peft_sdpa", "peft+patch", "native", "prompt_tuning")
+
+
+@dataclasses.dataclass(frozen=True)
+class E2EShape:
+    model: str  # "small", "medium" or "tiny" (CPU)
+    B: int
+    L: int
+    P: int
+
+    def config(self):
+        from transformers import GPT2Config
+
+        sizes = {"small": (12, 768, 12), "medium": (24, 1024, 16), "tiny": (2, 64, 4)}[self.model]
+        return GPT2Config(n_layer=sizes[0], n_embd=sizes[1], n_head=sizes[2], n_positions=1024,
+                          vocab_size=50257 if self.model != "tiny" else 1000)
+
+    def expanded_prefix_bytes(self, element_size: int) -> int:
+        """E = 2 * n_layer * B * P * d_model * bytes: what PEFT's expanded prefix costs."""
+        c = self.config()
+        return 2 * c.n_layer * self.B * self.P * c.n_embd * element_size
+
+
+def shapes(quick: bool, device) -> dict[str, list[E2EShape]]:
+    if not on_gpu(device):
+        return {"e2e_train": [E2EShape("tiny", 2, 32, 8)], "e2e_generate": [E2EShape("tiny", 2, 16, 8)]}
+    if quick:
+        return {"e2e_train": [E2EShape("small", 8, 512, 10), E2EShape("small", 8, 512, 200)],
+                "e2e_generate": [E2EShape("small", 8, 128, 200)]}
+    return {
+        "e2e_train": [E2EShape("small", 8, 512, 10), E2EShape("small", 8, 512, 200), E2EShape("small", 32, 512, 200),
+                      E2EShape("medium", 8, 512, 200)],
+        "e2e_generate": [E2EShape("small", 8, 128, 200), E2EShape("small", 32, 128, 200)],
+    }
+
+
+def build(route: str, shape: E2EShape, device, dtype):
+    """The model of one route and its trainable parameters."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = GPT2LMHeadModel(shape.config()).to(dtype)
+    base.set_attn_implementation("sdpa")
+    if route == "native":
+        from prefix_attn import PrefixTuning
+
+        model = PrefixTuning(base, num_virtual_tokens=shape.P).to(device)
+    else:
+        from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+        if route == "prompt_tuning":
+            config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=shape.P)
+        else:
+            config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=shape.P)
+        model = get_peft_model(base, config).to(device)
+        if route == "peft+patch":
+            from prefix_attn import apply_prefix_attn_to_peft
+
+            model = apply_prefix_attn_to_peft(model)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def _sync(device):
+    if on_gpu(device):
+        torch.cuda.synchronize()
+
+
+def _median_ms(fn, device, reps: int) -> tuple[float, float, float]:
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    q = torch.quantile(torch.tensor(times, dtype=torch.float64), torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return tuple(float(x) for x in q)
+
+
+def _peak_mb(fn, device) -> float:
+    if not on_gpu(device):
+        return float("nan")
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def run(quick: bool, device, providers=None, dtype=None, **_) -> Iterator[dict]:
+    dtype = dtype or (torch.bfloat16 if on_gpu(device) else torch.float32)
+    routes = [r for r in (providers or ROUTES) if r in ROUTES]
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        for bench, points in shapes(quick, device).items():
+            for s in points:
+                for route in routes:
+                    if route != "native":
+                        yield {"bench": bench, "provider": route, "mode": "all", **dataclasses.asdict(s),
+                               "skipped": "peft is not installed"}
+        routes = [r for r in routes if r == "native"]
+    reps = 10 if on_gpu(device) else 2
+    for bench, points in shapes(quick, device).items():
+        for s in points:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            ids = torch.randint(0, s.config().vocab_size, (s.B, s.L), generator=g).to(device)
+            mask = torch.ones_like(ids)
+            for route in routes:
+                base = dict(bench=bench, provider=route, dtype=str(dtype).replace("torch.", ""), B=s.B, L=s.L, P=s.P,
+                            H=s.config().n_head, D=s.config().n_embd // s.config().n_head, model=s.model,
+                            expanded_prefix_mb=s.expanded_prefix_bytes(torch.tensor([], dtype=dtype).element_size())
+                            / 2**20)
+                if route == "prompt_tuning" and bench == "e2e_generate":
+                    continue  # compared for training cost only
+                try:
+                    model, params = build(route, s, device, dtype)
+                    if bench == "e2e_train":
+                        yield {**base, **_train(model, params, ids, mask, device, reps)}
+                    else:
+                        yield {**base, **_generate(model, ids, mask, device, reps=3 if on_gpu(device) else 1)}
+                except torch.OutOfMemoryError:
+                    yield {**base, "mode": "all", "skipped": "out of memory"}
+                finally:
+                    model = params = None
+                    gc.collect()
+                    if on_gpu(device):
+                        torch.cuda.empty_cache()
+
+
+def _train(model, params, ids, mask, device, reps):
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # warm-up: kernel compilation, optimizer state
+        step()
+    ms = _median_ms(step, device, reps)
+    peak = _peak_mb(step, device)
+    return {"mode": "train_step", "ms_p50": ms[0], "ms_p20": ms[1], "ms_p80": ms[2],
+            "tokens_per_s": ids.numel() / ms[0] * 1e3, "peak_mem_mb": peak}
+
+
+def _generate(model, ids, mask, device, reps, new_tokens=32):
+    model.eval()
+
+    def gen():
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    gen()
+    ms = _median_ms(gen, device, reps)
+    peak = _peak_mb(gen, device)
+    return {"mode": "generate", "ms_p50": ms[0], "ms_p20": ms[1], "ms_p80": ms[2],
+            "tokens_per_s": ids.shape[0] * new_tokens / ms[0] * 1e3, "peak_mem_mb": peak}
