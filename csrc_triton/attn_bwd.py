@@ -11,7 +11,10 @@
 import triton
 import triton.language as tl
 
-from csrc_triton.common import LOG2E_C, device_capability, dropout_keep_tile, launch_arg, pick_configs, tuning_prune
+from csrc_triton.common import (
+    LOG2E_C, device_capability, dropout_keep_tile, key_stage_bounds, launch_arg, locate_prefix, pick_configs,
+    tuning_prune,
+)
 
 
 @triton.jit
@@ -272,14 +275,8 @@ def bwd_seq_kernel(
         query_pos = offs_m + query_shift
         dq = tl.zeros((BLOCK_M2, BLOCK_D), tl.float32)
         if HAS_PREFIX:
-            task = 0
-            if HAS_BANK:
-                task = tl.load(PREFIX_IDX + b).to(tl.int64)
-            n_prefix = P
-            if HAS_PREFIX_LENS:
-                n_prefix = tl.load(PREFIX_LENS + task).to(tl.int32)
-            PKt = PK + task * stride_pkt + h * stride_pkh
-            PVt = PV + task * stride_pvt + h * stride_pvh
+            PKt, PVt, n_prefix = locate_prefix(PK, PV, PREFIX_IDX, PREFIX_LENS, b, h, P, stride_pkt, stride_pkh,
+                                               stride_pvt, stride_pvh, HAS_BANK, HAS_PREFIX_LENS)
             p_full_end = n_prefix // BLOCK_P * BLOCK_P
             dq = accumulate_dq(
                 dq, q, do, lse2, delta, PKt, PVt, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
@@ -295,13 +292,7 @@ def bwd_seq_kernel(
             )
         Kb = K + b * stride_kb + h * stride_kh
         Vb = V + b * stride_vb + h * stride_vh
-        if CAUSAL:
-            first_pos = m_start + query_shift
-            full_end = tl.minimum(first_pos + 1, Lk) // BLOCK_N2 * BLOCK_N2
-            diag_end = tl.minimum(first_pos + BLOCK_M2, Lk)
-        else:
-            full_end = Lk // BLOCK_N2 * BLOCK_N2
-            diag_end = Lk
+        full_end, diag_end = key_stage_bounds(m_start + query_shift, Lk, BLOCK_M2, BLOCK_N2, CAUSAL)
         dq = accumulate_dq(
             dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd,
             0, full_end, Lk, query_pos, mask_row, stride_maskn,

@@ -8,7 +8,9 @@ accumulator stay in fp32.
 import triton
 import triton.language as tl
 
-from csrc_triton.common import LN2_C, dropout_keep_tile, launch_arg, pick_configs, tuning_prune
+from csrc_triton.common import (
+    LN2_C, dropout_keep_tile, key_stage_bounds, launch_arg, locate_prefix, pick_configs, tuning_prune,
+)
 
 
 @triton.jit
@@ -151,14 +153,8 @@ def prefix_attn_fwd_kernel(
     query_pos = Lk - Lq + offs_m  # bottom-right alignment
 
     if HAS_PREFIX:
-        task = 0
-        if HAS_BANK:
-            task = tl.load(PREFIX_IDX + b).to(tl.int64)
-        n_prefix = P
-        if HAS_PREFIX_LENS:
-            n_prefix = tl.load(PREFIX_LENS + task).to(tl.int32)
-        PKt = PK + task * stride_pkt + h * stride_pkh
-        PVt = PV + task * stride_pvt + h * stride_pvh
+        PKt, PVt, n_prefix = locate_prefix(PK, PV, PREFIX_IDX, PREFIX_LENS, b, h, P, stride_pkt, stride_pkh,
+                                           stride_pvt, stride_pvh, HAS_BANK, HAS_PREFIX_LENS)
         full_end = n_prefix // BLOCK_P * BLOCK_P
         acc, l_i, m_i = attend_key_range(
             acc, l_i, m_i, q, PKt, PVt, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
@@ -178,14 +174,8 @@ def prefix_attn_fwd_kernel(
     Kb = K + b * stride_kb + h * stride_kh
     Vb = V + b * stride_vb + h * stride_vh
     mask_row = KEY_MASK + b * stride_maskb
-    if CAUSAL:
-        first_pos = Lk - Lq + pid_m * BLOCK_M
-        # Blocks every row of the tile sees whole, then the diagonal blocks with the causal mask.
-        full_end = tl.minimum(first_pos + 1, Lk) // BLOCK_N * BLOCK_N
-        diag_end = tl.minimum(first_pos + BLOCK_M, Lk)
-    else:
-        full_end = Lk // BLOCK_N * BLOCK_N
-        diag_end = Lk
+    # Blocks every row of the tile sees whole, then the diagonal blocks with the causal mask.
+    full_end, diag_end = key_stage_bounds(Lk - Lq + pid_m * BLOCK_M, Lk, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = attend_key_range(
         acc, l_i, m_i, q, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd,
         0, full_end, Lk, query_pos, mask_row, stride_maskn,

@@ -72,3 +72,30 @@ def dropout_keep_tile(seed, row_counter, col_start, keep_threshold, BLOCK_N: tl.
     w23 = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
     bits = tl.reshape(tl.join(w01, w23), (BLOCK_M, BLOCK_N))
     return bits.to(tl.int32) >= keep_threshold
+
+
+@triton.jit
+def locate_prefix(PK, PV, PREFIX_IDX, PREFIX_LENS, b, h, P,
+                  stride_pkt, stride_pkh, stride_pvt, stride_pvh,
+                  HAS_BANK: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr):
+    """(K, V pointers of the prefix sequence ``b`` uses at head ``h``, its number of slots)."""
+    task = 0
+    if HAS_BANK:
+        task = tl.load(PREFIX_IDX + b).to(tl.int64)
+    n_prefix = P
+    if HAS_PREFIX_LENS:
+        n_prefix = tl.load(PREFIX_LENS + task).to(tl.int32)
+    return PK + task * stride_pkt + h * stride_pkh, PV + task * stride_pvt + h * stride_pvh, n_prefix
+
+
+@triton.jit
+def key_stage_bounds(first_query_pos, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(full_end, diag_end) of a query tile whose first row sits at key position first_query_pos:
+    key blocks [0, full_end) are visible to every row (no causal mask), [full_end, diag_end) need it."""
+    if CAUSAL:
+        full_end = tl.minimum(first_query_pos + 1, Lk) // BLOCK_N * BLOCK_N
+        diag_end = tl.minimum(first_query_pos + BLOCK_M, Lk)
+    else:
+        full_end = Lk // BLOCK_N * BLOCK_N
+        diag_end = Lk
+    return full_end, diag_end
