@@ -1,0 +1,10 @@
+"""Integrations of the fused op with Hugging Face transformers and PEFT (GPT-2).
+
+- ``gpt2``: the attention and mask functions registered with transformers, and
+  ``apply_prefix_attn_to_gpt2`` / ``revert_prefix_attn_to_gpt2``.
+- ``peft``: ``apply_prefix_attn_to_peft`` for a PEFT prefix-tuning model over GPT-2 (needs
+  ``pip install prefix-attn[peft]``; peft is imported only there).
+- ``prefix_tuning``: ``PrefixTuning``, prefix tuning without PEFT (several tasks in one batch).
+
+Nothing is imported here, so that importing one route never imports another's dependencies.
+"""

@@ -1,0 +1,92 @@
+"""How a prefix reaches GPT-2's attention: keyword arguments, positions and generation.
+
+The prefix never enters the HF cache. It travels as two extra keyword arguments of the model's
+forward, which transformers hands unchanged through GPT2Model and every block to the attention
+function (prefix_attn.integrations.gpt2.prefix_attn_forward):
+
+- ``prefix_kv``: tuple over layers of (k, v), each (P, heads, head_dim) shared by the batch or a
+  bank (T, P, heads, head_dim);
+- ``prefix_idx``: (batch,) integer, each sequence's task in the bank (banks only).
+
+Under gradient checkpointing with use_reentrant=False the checkpoint captures these keyword
+arguments, so gradients still reach the prefix. ``generate`` refuses unknown keyword arguments, so
+for generation they are added by a wrapped ``prepare_inputs_for_generation`` (see
+``add_prefix_to_model_inputs``): only ``prefix_idx`` is a generate keyword, which generate repeats
+for beams and num_return_sequences like any per-sequence tensor; the prefix itself is never
+repeated.
+
+Positions follow PEFT: with the prefix in its cache, PEFT's sequences start at position P. Here the
+cache holds only the sequence, so the positions the model would compute (or those the caller
+gives) are passed explicitly, shifted by P.
+"""
+from typing import Optional, Sequence
+
+import torch
+from transformers.cache_utils import Cache
+
+PREFIX_KV_KWARG = "prefix_kv"
+PREFIX_IDX_KWARG = "prefix_idx"
+
+
+def past_length(past_key_values) -> int:
+    """Number of sequence positions already in the HF cache (0 for None or an empty cache)."""
+    if past_key_values is None:
+        return 0
+    if isinstance(past_key_values, Cache):
+        return int(past_key_values.get_seq_length())
+    raise TypeError(f"past_key_values must be a transformers Cache or None, got {type(past_key_values).__name__}")
+
+
+def shifted_position_ids(prefix_len: int, n_positions: int, seq_len: int, past_len: int,
+                         position_ids: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """GPT-2 position ids for a sequence behind a prefix of ``prefix_len`` virtual tokens.
+
+    Args:
+        prefix_len: P.
+        n_positions: the model's number of position embeddings (config.n_positions).
+        seq_len: L, the number of new tokens in this forward.
+        past_len: positions already in the cache.
+        position_ids: (batch, L) or (1, L) the caller's positions, or None for the positions GPT2Model
+            would compute, arange(past_len, past_len + L) of shape (1, L).
+    Returns:
+        P + position_ids, as PEFT's prefix tuning positions them.
+    Raises:
+        ValueError when P + past_len + L exceeds n_positions (GPT-2's position embeddings end there).
+    """
+    if prefix_len + past_len + seq_len > n_positions:
+        raise ValueError(
+            f"input too long: a prefix of {prefix_len} virtual tokens puts this sequence (length {seq_len}"
+            + (f", {past_len} positions already cached" if past_len else "")
+            + f") at positions up to {prefix_len + past_len + seq_len - 1}, but GPT-2 has only "
+            f"n_positions={n_positions} position embeddings: P + L must be <= {n_positions}")
+    if position_ids is None:
+        position_ids = torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0)
+    return position_ids + prefix_len
+
+
+def input_length(input_ids: Optional[torch.Tensor], inputs_embeds: Optional[torch.Tensor]) -> tuple[int, int]:
+    """(batch, L) of a forward's input, from input_ids (B, L) or inputs_embeds (B, L, d)."""
+    if input_ids is not None:
+        return input_ids.shape[0], input_ids.shape[-1]
+    if inputs_embeds is not None:
+        return inputs_embeds.shape[0], inputs_embeds.shape[1]
+    raise ValueError("pass input_ids or inputs_embeds")
+
+
+def add_prefix_to_model_inputs(model_inputs: dict, prefix_kv: Sequence, prefix_len: int, n_positions: int,
+                               prefix_idx: Optional[torch.Tensor] = None) -> dict:
+    """Complete the inputs ``prepare_inputs_for_generation`` built for one generation step.
+
+    Shifts position_ids by P (those generate computed, or those the model would compute) and adds
+    the prefix keyword arguments. ``prefix_idx`` is the (batch * beams,) tensor generate expanded.
+    """
+    input_ids, inputs_embeds = model_inputs.get("input_ids"), model_inputs.get("inputs_embeds")
+    _, seq_len = input_length(input_ids, inputs_embeds)
+    device = (input_ids if input_ids is not None else inputs_embeds).device
+    model_inputs["position_ids"] = shifted_position_ids(
+        prefix_len, n_positions, seq_len, past_length(model_inputs.get("past_key_values")),
+        model_inputs.get("position_ids"), device)
+    model_inputs[PREFIX_KV_KWARG] = prefix_kv
+    if prefix_idx is not None:
+        model_inputs[PREFIX_IDX_KWARG] = prefix_idx
+    return model_inputs

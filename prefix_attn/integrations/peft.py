@@ -1,0 +1,173 @@
+"""PEFT prefix tuning over GPT-2 through the fused op: ``apply_prefix_attn_to_peft(peft_model)``.
+
+PEFT's own path expands the prefix over the batch (its prompt encoder, MLP included, runs B times),
+copies it into a DynamicCache whose every layer then concatenates [prefix; keys] to (B, H, P + L, D),
+kept for backward, and copies the prefix for every beam in generation. This module keeps PEFT's
+numerics but intercepts at the two points where the prefix is made:
+
+- ``PeftModelForCausalLM.forward`` (prefix branch): the prompt encoder runs once on its P virtual
+  tokens, the result is cast to the base model's dtype as PEFT does and viewed as per-layer
+  (P, H, D) keys and values, which travel to the attention function unexpanded; the HF cache holds
+  only the sequence's keys and values, the attention mask is not extended, and positions are shifted
+  by P explicitly (PEFT gets that shift from its cache length).
+- ``prepare_inputs_for_generation`` (PEFT installs it on the base model during generate): the same
+  prefix, computed once per generate call, is added to every step's inputs with shifted positions.
+
+peft is an optional dependency (pip install prefix-attn[peft]); it is imported when this is called.
+"""
+import types
+import warnings
+
+import torch
+
+from prefix_attn.integrations._routing import (
+    PREFIX_KV_KWARG, add_prefix_to_model_inputs, input_length, past_length, shifted_position_ids)
+from prefix_attn.integrations.gpt2 import apply_prefix_attn_to_gpt2, check_gpt2_model, check_prefix_attn_selected
+
+# Attribute of a patched PeftModel holding the prefix for the generate call in progress.
+_GENERATION_PREFIX_ATTR = "_prefix_attn_generation_prefix"
+_PATCHED_ATTR = "_prefix_attn_patched"
+
+
+def _import_peft():
+    try:
+        import peft
+    except ImportError as err:
+        raise ImportError("apply_prefix_attn_to_peft needs peft: pip install 'prefix-attn[peft]'") from err
+    return peft
+
+
+def _is_prefix_tuning(peft_config) -> bool:
+    from peft.utils import PeftType
+
+    return peft_config.peft_type == PeftType.PREFIX_TUNING
+
+
+def peft_prefix_kv(peft_model) -> tuple:
+    """The active adapter's prefix as the fused op takes it: tuple over layers of (k, v), each (P, H, D).
+
+    The prompt encoder runs once on its P virtual tokens (PEFT runs it on B * P), its MLP
+    reparameterisation included when the adapter is trained with prefix_projection=True; gradients
+    flow into it. A saved adapter loaded for inference (inference_mode=True) holds the projected
+    prefix in ``embedding.weight``, which PEFT uses directly; so does this. The result is cast to the
+    base model's dtype, as PEFT does. Layout: PEFT views the encoder output (B, P, 2 * n_layer, H, D)
+    and permutes/splits it so that layer l's keys are entry 2l and its values entry 2l + 1; the
+    views returned here slice the same entries (strided views, no copy).
+    """
+    config = peft_model.active_peft_config
+    adapter = peft_model.active_adapter
+    encoder = peft_model.prompt_encoder[adapter]
+    n_prefix = config.num_virtual_tokens
+    if config.inference_mode:
+        flat = encoder.embedding.weight
+    else:
+        tokens = peft_model.prompt_tokens[adapter][:n_prefix].to(encoder.embedding.weight.device)
+        flat = encoder(tokens)  # (P, 2 * n_layer * d_model)
+    dtype = peft_model.base_model_torch_dtype
+    if dtype is not None:
+        flat = flat.to(dtype)
+    n_layer, heads = config.num_layers, config.num_attention_heads
+    kv = flat.view(n_prefix, n_layer, 2, heads, config.token_dim // heads)
+    return tuple((kv[:, layer, 0], kv[:, layer, 1]) for layer in range(n_layer))
+
+
+def _drop_token_type_ids(kwargs: dict) -> None:
+    # PEFT drops token_type_ids for every prompt-learning method (_adjust_prompt_learning_kwargs).
+    if kwargs.get("token_type_ids") is not None:
+        warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
+        kwargs["token_type_ids"] = None
+
+
+def _forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+             output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+    """PeftModelForCausalLM.forward with the prefix handed to the fused op (see the module docstring).
+
+    Differences from PEFT: the cache (returned with use_cache=True) holds L positions, not P + L; a
+    ``past_key_values`` the caller passes (one this forward returned) is used, where PEFT replaces it.
+    """
+    config = self.active_peft_config
+    if not _is_prefix_tuning(config):
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                  inputs_embeds=inputs_embeds, labels=labels, output_attentions=output_attentions,
+                                  output_hidden_states=output_hidden_states, return_dict=return_dict,
+                                  task_ids=task_ids, **kwargs)
+    base = self.get_base_model()
+    check_prefix_attn_selected(base, "apply_prefix_attn_to_peft")
+    _, seq_len = input_length(input_ids, inputs_embeds)
+    _drop_token_type_ids(kwargs)
+    device = (input_ids if input_ids is not None else inputs_embeds).device
+    kwargs["position_ids"] = shifted_position_ids(
+        config.num_virtual_tokens, base.config.n_positions, seq_len,
+        past_length(kwargs.get("past_key_values")), kwargs.get("position_ids"), device)
+    kwargs[PREFIX_KV_KWARG] = peft_prefix_kv(self)
+    return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           labels=labels, output_attentions=output_attentions,
+                           output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
+
+
+def _prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
+    """PEFT's prepare_inputs_for_generation for prefix tuning, the prefix routed to the fused op."""
+    config = self.active_peft_config
+    if not _is_prefix_tuning(config):
+        return type(self).prepare_inputs_for_generation(self, *args, task_ids=task_ids, **kwargs)
+    check_prefix_attn_selected(self.get_base_model(), "apply_prefix_attn_to_peft")
+    model_inputs = self.base_model_prepare_inputs_for_generation(*args, **kwargs)
+    _drop_token_type_ids(model_inputs)
+    prefix = self.__dict__.get(_GENERATION_PREFIX_ATTR)
+    if prefix is None:  # called outside generate(): compute it for this step
+        prefix = peft_prefix_kv(self)
+    return add_prefix_to_model_inputs(model_inputs, prefix, config.num_virtual_tokens,
+                                      self.get_base_model().config.n_positions)
+
+
+def _generate(self, *args, **kwargs):
+    """PEFT's generate with the prefix computed once for the whole call, never copied per beam."""
+    if not _is_prefix_tuning(self.active_peft_config) or self._adapters_disabled:
+        return type(self).generate(self, *args, **kwargs)
+    with torch.no_grad():
+        self.__dict__[_GENERATION_PREFIX_ATTR] = peft_prefix_kv(self)
+    try:
+        return type(self).generate(self, *args, **kwargs)
+    finally:
+        self.__dict__.pop(_GENERATION_PREFIX_ATTR, None)
+
+
+def apply_prefix_attn_to_peft(peft_model):
+    """Run a PEFT prefix-tuning model over GPT-2 through the fused prefix attention.
+
+    Args:
+        peft_model: a ``peft.PeftModelForCausalLM`` whose active adapter is a ``PrefixTuningConfig``
+            over a transformers GPT-2 model (from get_peft_model or PeftModel.from_pretrained).
+    Returns:
+        the same ``peft_model``, patched in place (repeatable). Loss, logits, prompt-encoder gradients
+        and generate() tokens equal PEFT's own path; the prefix is computed once per forward on P rows
+        and never expanded over the batch or beams; disable_adapter() still gives the plain model.
+        Gradient checkpointing with use_reentrant=False works (PEFT's own path refuses it).
+    Raises:
+        ImportError without peft; TypeError for another model type or a non-GPT-2 base model;
+        ValueError for another PEFT method or a config that does not match the base model. The model
+        is unchanged then.
+    """
+    peft = _import_peft()
+    if not isinstance(peft_model, peft.PeftModelForCausalLM):
+        raise TypeError(f"apply_prefix_attn_to_peft takes a peft.PeftModelForCausalLM (get_peft_model with "
+                        f"task_type='CAUSAL_LM'), got {type(peft_model).__name__}")
+    config = peft_model.active_peft_config
+    if not _is_prefix_tuning(config):
+        raise ValueError(f"apply_prefix_attn_to_peft supports prefix tuning (PrefixTuningConfig), but the active "
+                         f"adapter {peft_model.active_adapter!r} is {config.peft_type}")
+    base = peft_model.get_base_model()
+    check_gpt2_model(base, "apply_prefix_attn_to_peft")
+    expected = {"num_layers": base.config.n_layer, "num_attention_heads": base.config.n_head,
+                "token_dim": base.config.n_embd, "num_transformer_submodules": 1}
+    for name, value in expected.items():
+        if getattr(config, name) != value:
+            raise ValueError(f"PrefixTuningConfig.{name}={getattr(config, name)} does not match the GPT-2 model "
+                             f"({value})")
+    apply_prefix_attn_to_gpt2(base)
+    # Instance attributes, as PEFT's own disable_adapter() swaps them: it saves and restores these.
+    peft_model.forward = types.MethodType(_forward, peft_model)
+    peft_model.prepare_inputs_for_generation = types.MethodType(_prepare_inputs_for_generation, peft_model)
+    peft_model.generate = types.MethodType(_generate, peft_model)
+    peft_model.__dict__[_PATCHED_ATTR] = True
+    return peft_model
