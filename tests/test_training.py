@@ -145,6 +145,9 @@ def _ddp_batch():
 
 def _ddp_worker(rank, world_size, init_file, out_dir):
     torch.set_num_threads(1)
+    # Gloo picks its network interface from the hostname unless told: on machines whose hostname
+    # resolves to an unreachable address the rendezvous hangs. Both processes are local: loopback.
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
     try:
@@ -154,6 +157,10 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
         model(ids[rows], attention_mask=mask[rows], labels=labels[rows], prefix_idx=tasks[rows]).loss.backward()
         grads = {name: p.grad for name, p in model.module.named_parameters() if p.requires_grad}
         torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Free DDP's reducer while the process group still exists: freed after
+        # destroy_process_group() it can block in gloo (an intermittent hang seen here).
+        dist.barrier()
+        del model, grads
     finally:
         dist.destroy_process_group()
 
