@@ -133,7 +133,8 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, atte
         if prefix is not None:
             o = o + prefix.apply(p[..., :P], lambda x, t: torch.matmul(x, prefix.v[t]), o.shape)
         out[:, :, rows] = o
-    return out.transpose(1, 2).to(q.dtype), lse
+    # Contiguous (B, Lq, H, D), as the custom op's fake promises: torch.compile plans views on it.
+    return out.transpose(1, 2).contiguous().to(q.dtype), lse
 
 
 def prefix_attn_bwd(dout, dlse, q, k, v, out, lse, prefix_k=None, prefix_v=None, prefix_idx=None, prefix_lens=None,
@@ -188,9 +189,9 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix
             dpk += prefix.reduce(ds_pre, qc, lambda a, b: torch.einsum("bhcp,bhcd->hpd", a, b))
             dpv += prefix.reduce(pk_pre, doc, lambda a, b: torch.einsum("bhcp,bhcd->hpd", a, b))
         dq[:, :, rows] = dq_c
-    dq = (dq * scale).transpose(1, 2).to(q.dtype)
-    dk = (dk * scale).transpose(1, 2).to(k.dtype)
-    dv = dv.transpose(1, 2).to(v.dtype)
+    dq = (dq * scale).transpose(1, 2).contiguous().to(q.dtype)
+    dk = (dk * scale).transpose(1, 2).contiguous().to(k.dtype)
+    dv = dv.transpose(1, 2).contiguous().to(v.dtype)
     if prefix is not None:
         dpk = (dpk * scale).transpose(1, 2).reshape(prefix_k.shape).to(prefix_k.dtype)
         dpv = dpv.transpose(1, 2).reshape(prefix_v.shape).to(prefix_v.dtype)

@@ -40,3 +40,23 @@ def test_compile_with_dropout_is_deterministic_per_seed():
     torch.manual_seed(3)
     b = layer(**tensors)
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_compiled_views_of_the_outputs(backend):
+    """Regression: every backend returns contiguous out and gradients, as the fake implementations
+    promise; a compiled graph that views them (as GPT2Attention's reshape does) must run."""
+    torch._dynamo.reset()
+    case = Case(P=5, B=2, Lq=7, Lk=7)
+    tensors, kwargs = make_inputs(case)
+
+    def layer(q, k, v, prefix_k, prefix_v):
+        out = prefix_attn_func(q, k, v, prefix_k, prefix_v, **kwargs, backend=backend)
+        return out.view(case.B, case.Lq, case.H * case.D).sum()
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    loss = compiled(**tensors)
+    grads = torch.autograd.grad(loss, list(tensors.values()))
+    torch.testing.assert_close(loss, layer(**tensors))
+    for g, t in zip(grads, tensors.values()):
+        assert g.is_contiguous() and g.shape == t.shape

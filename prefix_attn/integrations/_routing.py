@@ -17,9 +17,11 @@ repeated.
 
 Positions follow PEFT: with the prefix in its cache, PEFT's sequences start at position P. Here the
 cache holds only the sequence, so the positions the model would compute (or those the caller
-gives) are passed explicitly, shifted by P.
+gives) are passed explicitly, shifted by P. With a static cache (StaticCache, generate's
+cache_implementation="static") nothing here reads the cache's fill level from the device unless
+the cache could outgrow GPT-2's position table (see ``_check_positions_fit``).
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from transformers.cache_utils import Cache
@@ -28,16 +30,41 @@ PREFIX_KV_KWARG = "prefix_kv"
 PREFIX_IDX_KWARG = "prefix_idx"
 
 
-def past_length(past_key_values) -> int:
-    """Number of sequence positions already in the HF cache (0 for None or an empty cache)."""
+def past_length(past_key_values) -> Union[int, torch.Tensor]:
+    """Number of sequence positions already in the HF cache.
+
+    An int (0 for None or an empty cache); for a StaticCache that holds keys, the 0-d tensor it keeps
+    on the device (reading it would synchronise with the device, which static-cache decoding avoids).
+    """
     if past_key_values is None:
         return 0
     if isinstance(past_key_values, Cache):
-        return int(past_key_values.get_seq_length())
+        length = past_key_values.get_seq_length()
+        return length if isinstance(length, torch.Tensor) else int(length)
     raise TypeError(f"past_key_values must be a transformers Cache or None, got {type(past_key_values).__name__}")
 
 
-def shifted_position_ids(prefix_len: int, n_positions: int, seq_len: int, past_len: int,
+def _check_positions_fit(prefix_len: int, n_positions: int, seq_len: int, past_key_values) -> None:
+    """ValueError when P + past + L exceeds n_positions (GPT-2's position embeddings end there).
+
+    For a static cache, past + L is bounded by its max_cache_len (get_mask_sizes reports it): the
+    device-side fill level is read only when that bound does not already fit.
+    """
+    past = past_length(past_key_values)
+    if isinstance(past, torch.Tensor):
+        capacity, _ = past_key_values.get_mask_sizes(seq_len, 0)
+        if prefix_len + capacity <= n_positions:
+            return
+        past = int(past)
+    if prefix_len + past + seq_len > n_positions:
+        raise ValueError(
+            f"input too long: a prefix of {prefix_len} virtual tokens puts this sequence (length {seq_len}"
+            + (f", {past} positions already cached" if past else "")
+            + f") at positions up to {prefix_len + past + seq_len - 1}, but GPT-2 has only "
+            f"n_positions={n_positions} position embeddings: P + L must be <= {n_positions}")
+
+
+def shifted_position_ids(prefix_len: int, n_positions: int, seq_len: int, past_key_values,
                          position_ids: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
     """GPT-2 position ids for a sequence behind a prefix of ``prefix_len`` virtual tokens.
 
@@ -45,22 +72,21 @@ def shifted_position_ids(prefix_len: int, n_positions: int, seq_len: int, past_l
         prefix_len: P.
         n_positions: the model's number of position embeddings (config.n_positions).
         seq_len: L, the number of new tokens in this forward.
-        past_len: positions already in the cache.
+        past_key_values: None or the HF cache of this forward (its length is the positions already cached).
         position_ids: (batch, L) or (1, L) the caller's positions, or None for the positions GPT2Model
-            would compute, arange(past_len, past_len + L) of shape (1, L).
+            would compute, arange(past, past + L) of shape (1, L).
     Returns:
         P + position_ids, as PEFT's prefix tuning positions them.
     Raises:
-        ValueError when P + past_len + L exceeds n_positions (GPT-2's position embeddings end there).
+        ValueError when P + past + L exceeds n_positions (GPT-2's position embeddings end there).
     """
-    if prefix_len + past_len + seq_len > n_positions:
-        raise ValueError(
-            f"input too long: a prefix of {prefix_len} virtual tokens puts this sequence (length {seq_len}"
-            + (f", {past_len} positions already cached" if past_len else "")
-            + f") at positions up to {prefix_len + past_len + seq_len - 1}, but GPT-2 has only "
-            f"n_positions={n_positions} position embeddings: P + L must be <= {n_positions}")
+    _check_positions_fit(prefix_len, n_positions, seq_len, past_key_values)
     if position_ids is None:
-        position_ids = torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0)
+        past = past_length(past_key_values)
+        if isinstance(past, torch.Tensor):  # a static cache: stay on the device
+            position_ids = (torch.arange(seq_len, device=device) + past.to(device)).unsqueeze(0)
+        else:
+            position_ids = torch.arange(past, past + seq_len, device=device).unsqueeze(0)
     return position_ids + prefix_len
 
 
@@ -84,8 +110,8 @@ def add_prefix_to_model_inputs(model_inputs: dict, prefix_kv: Sequence, prefix_l
     _, seq_len = input_length(input_ids, inputs_embeds)
     device = (input_ids if input_ids is not None else inputs_embeds).device
     model_inputs["position_ids"] = shifted_position_ids(
-        prefix_len, n_positions, seq_len, past_length(model_inputs.get("past_key_values")),
-        model_inputs.get("position_ids"), device)
+        prefix_len, n_positions, seq_len, model_inputs.get("past_key_values"), model_inputs.get("position_ids"),
+        device)
     model_inputs[PREFIX_KV_KWARG] = prefix_kv
     if prefix_idx is not None:
         model_inputs[PREFIX_IDX_KWARG] = prefix_idx
