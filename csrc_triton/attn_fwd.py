@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 from csrc_triton.common import (
-    LN2_C, dropout_keep_tile, key_stage_bounds, launch_arg, locate_prefix, pick_configs, tuning_prune,
+    LN2_C, dropout_keep_tile, key_stage_bounds, launch_arg, locate_prefix, online_softmax_step, pick_configs,
+    tuning_prune,
 )
 
 
@@ -50,13 +51,7 @@ def attend_key_range(
             if CAUSAL:
                 visible = visible & (cols[None, :] <= query_pos[:, None])
             qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so that
-        # exp2 gives 0 rather than NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_new = online_softmax_step(qk, m_i, l_i)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
             keep = dropout_keep_tile(seed, drop_row_counter, drop_col_base + start_n, keep_threshold, BLOCK_N)

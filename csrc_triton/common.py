@@ -99,3 +99,35 @@ def key_stage_bounds(first_query_pos, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
         full_end = Lk // BLOCK_N * BLOCK_N
         diag_end = Lk
     return full_end, diag_end
+
+
+@triton.jit
+def online_softmax_step(qk, m_i, l_i):
+    """One key block of the online softmax (log2 domain): (p, alpha, l_new, m_new) for the block's
+    scores qk (rows, keys), the running row max m_i and sum l_i. The caller rescales its
+    accumulator by alpha and adds p @ V."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so that exp2 gives
+    # 0 rather than NaN.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def task_piece_range(PIECE_TASK, TASK_PIECE_START, TASK_ROW_START, piece, units_per_row, units_per_piece,
+                     n_units, HAS_BANK: tl.constexpr):
+    """(task, unit_lo, unit_hi) of one piece of the work plan of prefix_attn.triton_launch._task_pieces:
+    units are ``units_per_row`` per sequence, sequences taken in task order, and a piece never
+    spans two tasks. task is -1 for an unused piece of a bank plan (the caller returns)."""
+    if HAS_BANK:
+        task = tl.load(PIECE_TASK + piece).to(tl.int64)
+        local = piece - tl.load(TASK_PIECE_START + tl.maximum(task, 0))
+        lo = tl.load(TASK_ROW_START + tl.maximum(task, 0)) * units_per_row + local * units_per_piece
+        hi = tl.minimum(lo + units_per_piece, tl.load(TASK_ROW_START + tl.maximum(task, 0) + 1) * units_per_row)
+    else:
+        task = 0
+        lo = piece * units_per_piece
+        hi = tl.minimum(lo + units_per_piece, n_units)
+    return task, lo, hi

@@ -17,7 +17,7 @@ prefix splits first, then the sequence splits.
 import triton
 import triton.language as tl
 
-from csrc_triton.common import LN2_C
+from csrc_triton.common import LN2_C, online_softmax_step, task_piece_range
 
 
 @triton.jit
@@ -43,11 +43,7 @@ def _online_softmax_range(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_v
         if CAUSAL:
             visible = visible & (cols[None, :] <= query_pos[:, None])
         qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_new = online_softmax_step(qk, m_i, l_i)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -81,17 +77,10 @@ def decode_prefix_kernel(
     tile = tl.program_id(0)
     split = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
-    if HAS_BANK:
-        task = tl.load(TILE_TASK + tile).to(tl.int64)
-        if task < 0:
-            return
-        local = tile - tl.load(TASK_TILE_START + task)
-        row_lo = tl.load(TASK_ROW_START + task) * Lq + local * BLOCK_R
-        row_hi = tl.minimum(row_lo + BLOCK_R, tl.load(TASK_ROW_START + task + 1) * Lq)
-    else:
-        task = 0
-        row_lo = tile * BLOCK_R
-        row_hi = tl.minimum(row_lo + BLOCK_R, n_rows)
+    task, row_lo, row_hi = task_piece_range(TILE_TASK, TASK_TILE_START, TASK_ROW_START, tile, Lq, BLOCK_R, n_rows,
+                                            HAS_BANK)
+    if task < 0:
+        return
     rows = row_lo + tl.arange(0, BLOCK_R)
     row_ok = rows < row_hi
     seq = tl.where(row_ok, rows // Lq, 0)

@@ -15,7 +15,7 @@ With a bank, rows are taken sorted by task (``ROW_ORDER``) and every piece belon
 import triton
 import triton.language as tl
 
-from csrc_triton.common import dropout_keep_tile
+from csrc_triton.common import dropout_keep_tile, task_piece_range
 
 
 @triton.jit
@@ -37,18 +37,10 @@ def prefix_grad_partial_kernel(
     piece = tl.program_id(0)
     pblock = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
-    if HAS_BANK:
-        task = tl.load(PIECE_TASK + piece).to(tl.int64)
-        if task < 0:
-            return
-        local = piece - tl.load(TASK_PIECE_START + task)
-        task_items_end = tl.load(TASK_ROW_START + task + 1) * n_query_blocks
-        item_lo = tl.load(TASK_ROW_START + task) * n_query_blocks + local * items_per_piece
-        item_hi = tl.minimum(item_lo + items_per_piece, task_items_end)
-    else:
-        task = 0
-        item_lo = piece * items_per_piece
-        item_hi = tl.minimum(item_lo + items_per_piece, n_items)
+    task, item_lo, item_hi = task_piece_range(PIECE_TASK, TASK_PIECE_START, TASK_ROW_START, piece, n_query_blocks,
+                                              items_per_piece, n_items, HAS_BANK)
+    if task < 0:
+        return
     n_prefix = P
     if HAS_PREFIX_LENS:
         n_prefix = tl.load(PREFIX_LENS + task).to(tl.int32)
