@@ -3,6 +3,8 @@ import os
 
 import torch
 
+from prefix_attn.checks import check_triton_device
+
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "PREFIX_ATTN_BACKEND"
 
@@ -22,8 +24,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             backend = override
         else:
             backend = "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got tensors on {device}); for CPU tensors set "
-            "TRITON_INTERPRET=1 before importing prefix_attn, or use backend='torch'")
+    if backend == "triton":
+        check_triton_device(device)
     return backend

@@ -5,6 +5,7 @@ dtypes, devices), so it also runs while torch.compile traces; ``check_prefix_val
 integer tensors' values and runs where the op really executes.
 """
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -153,6 +154,14 @@ def check_attention_inputs(
         if not math.isfinite(softmax_scale):
             raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     return AttnDims(B, Lq, Lk, H, D, num_tasks, prefix_len, is_bank)
+
+
+def check_triton_device(device: torch.device) -> None:
+    """The Triton kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got tensors on {device}); for CPU tensors set "
+            "TRITON_INTERPRET=1 before importing prefix_attn, or use backend='torch'")
 
 
 def _graph_capturing(device: torch.device) -> bool:

@@ -14,7 +14,8 @@ from csrc_triton.decode import decode_merge_kernel, decode_prefix_kernel, decode
 from csrc_triton.dropout_mask import dropout_mask_kernel
 from csrc_triton.prefix_grad import prefix_grad_partial_kernel, prefix_grad_reduce_kernel
 from prefix_attn.checks import (
-    AttnDims, check_attention_inputs, check_prefix_values, check_row_offsets_fit_int32, default_scale,
+    AttnDims, check_attention_inputs, check_prefix_values, check_row_offsets_fit_int32, check_triton_device,
+    default_scale,
 )
 from prefix_attn.dropout import groups_per_row, keep_scale, keep_threshold, padded_prefix
 
@@ -38,13 +39,6 @@ def _cdiv(a: int, b: int) -> int:
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
-
-
-def check_triton_device(device: torch.device) -> None:
-    if device.type != "cuda" and not INTERPRET:
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got tensors on {device}); for CPU tensors set "
-            "TRITON_INTERPRET=1 before importing prefix_attn, or use backend='torch'")
 
 
 @functools.lru_cache(maxsize=None)
