@@ -1,4 +1,5 @@
 """Case construction and the accuracy oracle shared by the tests."""
+import contextlib
 import dataclasses
 from typing import Optional
 
@@ -28,6 +29,28 @@ class Case:
 
     def __str__(self):
         return "-".join(f"{k}{v}" for k, v in dataclasses.asdict(self).items())
+
+    @property
+    def launch_path(self) -> str:
+        """Which way the op runs this case: "plain" (no prefix), "decode" (a few queries per sequence:
+        the stacked-row decode kernels), "bank", "strided" (HF's transposed views) or "shared"."""
+        if not self.P:
+            return "plain"
+        if self.Lq <= 16:
+            return "decode"
+        if self.T:
+            return "bank"
+        return "strided" if self.strided else "shared"
+
+
+def one_case_per_launch_path(cases, with_prefix=True):
+    """The first case of each launch path (with a prefix only, by default): low-precision rounding
+    differs by path, not by shape, so this covers fp16 without re-running every fp32 case."""
+    chosen = {}
+    for case in cases:
+        if case.P or not with_prefix:
+            chosen.setdefault(case.launch_path, case)
+    return list(chosen.values())
 
 
 def make_inputs(case: Case, dtype=torch.float32, device=DEVICE, requires_grad=True, scale=1.0):
@@ -125,3 +148,81 @@ def check_against_reference(case: Case, dtype, backend, with_dlse=False, tensors
         bound = 2 * low_err + ATOL[dtype] * max(1.0, ref[torch.isfinite(ref)].abs().max().item() if ref.numel() else 1)
         assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g} (reference in {dtype}: {low_err:.3g})"
     return out, lse, grads
+
+
+# ---- model-level helpers shared by the integration tests ---------------------------------------------
+
+VOCAB = 100  # vocabulary of the tiny random models
+
+
+def make_batch(padding=None, batch=3, length=9, seed=0, device="cpu", vocab=VOCAB):
+    """(input_ids, attention_mask) (batch, length) of random tokens, padded with token 0.
+
+    padding: None; "left" (row 0 loses 3 leading tokens, row 1 one, as generate() prompts are
+    padded); "right" (row 0 loses 3 trailing tokens, the last row 2).
+    """
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if padding == "left":
+        mask[0, :3] = 0
+        mask[min(1, batch - 1), :1] = 0
+    elif padding == "right":
+        mask[0, -3:] = 0
+        mask[batch - 1, -2:] = 0
+    elif padding is not None:
+        raise ValueError(f"padding must be None, 'left' or 'right', got {padding!r}")
+    return ids.masked_fill(mask == 0, 0).to(device), mask.to(device)
+
+
+class OpSpy:
+    """Records what each call of the fused op receives from the GPT-2 attention function, then runs it.
+
+    Each call is a dict: q, k, prefix_k, prefix_v (shapes, None when absent), k_ptr (k's data pointer:
+    a static cache's buffer is handed over as a view), prefix_idx (a list or None), mask (a clone or
+    None) and q_is_view (q is GPT-2's transposed view, not a copy).
+    """
+
+    def __init__(self, monkeypatch):
+        import prefix_attn.integrations.gpt2 as gpt2_integration
+
+        self.calls = []
+        self._op = gpt2_integration.prefix_attn_func
+        monkeypatch.setattr(gpt2_integration, "prefix_attn_func", self)
+
+    def __call__(self, q, k, v, prefix_k=None, prefix_v=None, **kwargs):
+        mask, idx = kwargs.get("attention_mask"), kwargs.get("prefix_idx")
+        self.calls.append({
+            "q": tuple(q.shape), "k": tuple(k.shape), "k_ptr": k.data_ptr(),
+            "prefix_k": None if prefix_k is None else tuple(prefix_k.shape),
+            "prefix_v": None if prefix_v is None else tuple(prefix_v.shape),
+            "prefix_idx": None if idx is None else idx.tolist(),
+            "mask": None if mask is None else mask.clone(),
+            "q_is_view": not q.is_contiguous(),
+        })
+        return self._op(q, k, v, prefix_k, prefix_v, **kwargs)
+
+
+@contextlib.contextmanager
+def reference_attention():
+    """Inside: the GPT-2 attention function runs prefix_attn_ref (expanded prefix, concatenation,
+    explicit mask) instead of the fused op: with use_cache=False that is the ground truth a route's
+    generate() must reproduce."""
+    import prefix_attn.integrations.gpt2 as gpt2_integration
+
+    saved = gpt2_integration.prefix_attn_func
+    gpt2_integration.prefix_attn_func = lambda *args, backend=None, **kwargs: prefix_attn_ref(*args, **kwargs)
+    try:
+        yield
+    finally:
+        gpt2_integration.prefix_attn_func = saved
+
+
+def no_cache_generate(model, seed=123, **kwargs):
+    """The ground truth of ``model.generate(**kwargs)``: every step a full recompute without a cache
+    (use_cache=False) through the concatenation reference, seeded like the run it checks. For PEFT's
+    own (unpatched) model this is PEFT without a cache; for a patched route it is the same route with
+    prefix_attn_ref in place of the fused op."""
+    torch.manual_seed(seed)
+    with reference_attention(), torch.no_grad():
+        return model.generate(**kwargs, use_cache=False)

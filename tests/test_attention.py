@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prefix_attn import prefix_attn_func
-from tests.helpers import Case, check_against_reference, make_inputs
+from tests.helpers import Case, check_against_reference, make_inputs, one_case_per_launch_path
 
 BACKENDS = ["triton", "torch"]
 
@@ -35,7 +35,7 @@ def test_fp32_against_reference(case, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[11], CASES[13]], ids=str)
+@pytest.mark.parametrize("case", one_case_per_launch_path(CASES), ids=str)
 def test_fp16_against_reference(case, backend):
     check_against_reference(case, torch.float16, backend)
 

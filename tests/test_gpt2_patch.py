@@ -18,9 +18,9 @@ from prefix_attn.integrations import gpt2 as gpt2_integration
 from prefix_attn.integrations import _versions as versions
 from prefix_attn.integrations._versions import check_transformers_version
 from tests.conftest import DEVICE
+from tests.helpers import VOCAB, make_batch, no_cache_generate
 
 ATTN = gpt2_integration.ATTN_IMPLEMENTATION
-VOCAB = 100
 
 
 def tiny_config(attn_implementation=None, **overrides):
@@ -43,20 +43,6 @@ def eager_and_patched(cls, seed=0, **overrides):
     apply_prefix_attn_to_gpt2(ours)
     assert ours.config._attn_implementation == ATTN
     return ref, ours
-
-
-def make_batch(batch=3, length=9, padding=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (batch, length), generator=g)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    if padding == "left":
-        mask[0, :3] = 0
-        mask[1, :1] = 0
-    elif padding == "right":
-        mask[0, -3:] = 0
-        mask[2, -1:] = 0
-    ids = ids.masked_fill(mask == 0, 0)  # pad_token_id
-    return ids, mask
 
 
 def assert_close(got, ref, tol=1e-5, what=""):
@@ -134,16 +120,17 @@ def test_triton_backend_matches_eager(monkeypatch):
         for name in want:
             assert_close(got[name], want[name], what=name)
         kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False)
-        assert torch.equal(ours.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+        assert torch.equal(ours.generate(ids, **kwargs), no_cache_generate(ref, input_ids=ids, **kwargs))
 
 
 @pytest.mark.parametrize("padding", [None, "left"])
 def test_cached_generation_matches_eager(padding):
-    """Decoding steps run Lq = 1 against cached keys (bottom-right causal alignment)."""
+    """Decoding steps run Lq = 1 against cached keys (bottom-right causal alignment); the truth is eager
+    attention without a cache."""
     ref, ours = eager_and_patched(GPT2LMHeadModel)
     ids, mask = make_batch(padding=padding)
     for kwargs in (dict(do_sample=False), dict(num_beams=3, num_return_sequences=2, do_sample=False)):
-        want = ref.generate(ids, attention_mask=mask, max_new_tokens=6, **kwargs)
+        want = no_cache_generate(ref, input_ids=ids, attention_mask=mask, max_new_tokens=6, **kwargs)
         assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=6, **kwargs), want)
 
 

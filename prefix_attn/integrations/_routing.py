@@ -28,6 +28,21 @@ from transformers.cache_utils import Cache
 
 PREFIX_KV_KWARG = "prefix_kv"
 PREFIX_IDX_KWARG = "prefix_idx"
+# The keyword under which a forward receives the HF cache: transformers 5.24 renamed past_key_values to
+# cache (the old name is still accepted by the models until 5.40), and generate() passes cache from 5.24 on.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def cache_argument(inputs: dict):
+    """The HF cache a forward's keyword arguments carry (under ``cache`` or ``past_key_values``), or None.
+
+    Raises ValueError when both names carry one: the model would take one and the routing could read
+    the other.
+    """
+    given = [name for name in CACHE_KWARGS if inputs.get(name) is not None]
+    if len(given) > 1:
+        raise ValueError("pass the cache as either cache= or past_key_values=, not both")
+    return inputs[given[0]] if given else None
 
 
 def past_length(past_key_values) -> Union[int, torch.Tensor]:
@@ -110,8 +125,7 @@ def add_prefix_to_model_inputs(model_inputs: dict, prefix_kv: Sequence, prefix_l
     _, seq_len = input_length(input_ids, inputs_embeds)
     device = (input_ids if input_ids is not None else inputs_embeds).device
     model_inputs["position_ids"] = shifted_position_ids(
-        prefix_len, n_positions, seq_len, model_inputs.get("past_key_values"), model_inputs.get("position_ids"),
-        device)
+        prefix_len, n_positions, seq_len, cache_argument(model_inputs), model_inputs.get("position_ids"), device)
     model_inputs[PREFIX_KV_KWARG] = prefix_kv
     if prefix_idx is not None:
         model_inputs[PREFIX_IDX_KWARG] = prefix_idx

@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from prefix_attn.integrations._routing import (
-    PREFIX_KV_KWARG, add_prefix_to_model_inputs, input_length, shifted_position_ids)
+    PREFIX_KV_KWARG, add_prefix_to_model_inputs, cache_argument, input_length, shifted_position_ids)
 from prefix_attn.integrations.gpt2 import apply_prefix_attn_to_gpt2, check_gpt2_model, check_prefix_attn_selected
 
 # Attribute of a patched PeftModel holding the prefix for the generate call in progress.
@@ -97,7 +97,7 @@ def _forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labe
     _drop_token_type_ids(kwargs)
     device = (input_ids if input_ids is not None else inputs_embeds).device
     kwargs["position_ids"] = shifted_position_ids(
-        config.num_virtual_tokens, base.config.n_positions, seq_len, kwargs.get("past_key_values"),
+        config.num_virtual_tokens, base.config.n_positions, seq_len, cache_argument(kwargs),
         kwargs.get("position_ids"), device)
     kwargs[PREFIX_KV_KWARG] = peft_prefix_kv(self)
     return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,

@@ -14,7 +14,8 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2PreTrainedModel
 
 from prefix_attn.integrations._prefix_params import PrefixKV, PrefixMLP
 from prefix_attn.integrations._routing import (
-    PREFIX_IDX_KWARG, PREFIX_KV_KWARG, add_prefix_to_model_inputs, input_length, shifted_position_ids)
+    PREFIX_IDX_KWARG, PREFIX_KV_KWARG, add_prefix_to_model_inputs, cache_argument, input_length,
+    shifted_position_ids)
 from prefix_attn.integrations.gpt2 import apply_prefix_attn_to_gpt2, check_gpt2_model, check_prefix_attn_selected
 
 PREFIX_FORMAT = "prefix_attn.prefix"
@@ -196,7 +197,7 @@ class PrefixTuning(nn.Module):
         device = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).device
         prefix_idx = self._check_prefix_idx(prefix_idx, batch, device)
         kwargs["position_ids"] = shifted_position_ids(
-            self.num_virtual_tokens, self.model.config.n_positions, seq_len, kwargs.get("past_key_values"),
+            self.num_virtual_tokens, self.model.config.n_positions, seq_len, cache_argument(kwargs),
             kwargs.get("position_ids"), device)
         if labels is not None:
             kwargs["labels"] = labels
