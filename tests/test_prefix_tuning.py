@@ -276,6 +276,41 @@ def test_positions_start_at_p_and_too_long_inputs_raise():
         tuned.generate(torch.randint(1, VOCAB, (1, 50)), max_new_tokens=20)
 
 
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_too_long_generation_raises_for_every_cache(cache_implementation):
+    """Regression (transformers 5.24 hands generate's cache over as cache=, not past_key_values=): the
+    position check saw no cache and an IndexError from the position table came instead of this error."""
+    tuned = PrefixTuning(tiny_model(), P, num_tasks=2)
+    ids = torch.randint(1, VOCAB, (2, 50))
+    kwargs = {} if cache_implementation is None else {"cache_implementation": cache_implementation}
+    tuned.generate(ids, prefix_idx=1, max_new_tokens=64 - P - 50 + 1, do_sample=False, **kwargs)  # fits exactly
+    with pytest.raises(ValueError, match="n_positions=64"):
+        tuned.generate(ids, prefix_idx=1, max_new_tokens=20, do_sample=False, **kwargs)
+
+
+def test_a_cached_forward_that_outgrows_the_positions_raises():
+    tuned = PrefixTuning(tiny_model(), P)
+    ids = torch.randint(1, VOCAB, (1, 64 - P - 2))
+    with torch.no_grad():
+        cache = tuned(ids, use_cache=True).past_key_values
+        tuned(ids[:, :2], past_key_values=copy.deepcopy(cache))  # P + past + 2 = 64 fits
+    with pytest.raises(ValueError, match=f"{ids.shape[1]} positions already cached"), torch.no_grad():
+        tuned(ids[:, :3], past_key_values=cache)
+
+
+def test_the_cache_is_read_under_either_keyword():
+    from transformers import DynamicCache
+
+    from prefix_attn.integrations._routing import cache_argument
+
+    cache = DynamicCache()
+    assert cache_argument({"cache": cache}) is cache
+    assert cache_argument({"past_key_values": cache, "cache": None}) is cache
+    assert cache_argument({}) is None
+    with pytest.raises(ValueError, match="not both"):
+        cache_argument({"cache": cache, "past_key_values": DynamicCache()})
+
+
 def test_bad_prefix_idx_raises():
     tuned = PrefixTuning(tiny_model(), P, num_tasks=2)
     ids, _ = make_batch()
