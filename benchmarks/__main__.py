@@ -47,7 +47,11 @@ def main(argv=None) -> int:
     env["ceilings"] = measure_ceilings(args.device)
     print("ceilings: " + json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in env["ceilings"].items()}))
     records = []
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress bars only: pip install -e ".[bench]" brings tqdm and matplotlib
+        def tqdm(iterable, **_):
+            return iterable
 
     for name, bench in BENCHES.items():
         if args.only and name != args.only:
