@@ -173,3 +173,96 @@ def test_largest_softmax_scale_is_accepted(backend):
     ref = prefix_attn_ref(**{k: v.double() for k, v in tensors.items()}, **kwargs, softmax_scale=scale)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+# ---- damaged prefix files --------------------------------------------------------------------------
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=50, attn_implementation="eager")
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture
+def saved_prefix(tmp_path):
+    """(path of a good prefix file, its tensor, its metadata)."""
+    from safetensors import safe_open
+
+    from prefix_attn import PrefixTuning
+
+    path = tmp_path / "good.safetensors"
+    PrefixTuning(_tiny_gpt2(), 3, num_tasks=2).save_prefix(path)
+    with safe_open(str(path), framework="pt") as handle:
+        return path, handle.get_tensor("prefix"), handle.metadata()
+
+
+def _load(path):
+    from prefix_attn import PrefixTuning
+
+    return PrefixTuning.load_prefix(_tiny_gpt2(), path)
+
+
+def test_good_prefix_file_loads(saved_prefix):
+    path, kv, _ = saved_prefix
+    loaded = _load(path)
+    assert torch.equal(loaded.prefix_encoder().detach(), kv)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.98, 10], ids=["half", "last-bytes", "header"])
+def test_truncated_prefix_file(saved_prefix, tmp_path, keep):
+    path, _, _ = saved_prefix
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
+    with pytest.raises(ValueError, match="cut.safetensors is not a readable safetensors file"):
+        _load(cut)
+
+
+def _rewrite(tmp_path, tensors, metadata):
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_prefix_file_with_an_extra_tensor(saved_prefix, tmp_path):
+    _, kv, metadata = saved_prefix
+    path = _rewrite(tmp_path, {"prefix": kv, "prefix_mlp": torch.zeros(3)}, metadata)
+    with pytest.raises(ValueError, match=r"bad.safetensors holds tensors \['prefix', 'prefix_mlp'\]"):
+        _load(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float16, torch.float64])
+def test_prefix_file_with_another_dtype(saved_prefix, tmp_path, dtype):
+    _, kv, metadata = saved_prefix
+    path = _rewrite(tmp_path, {"prefix": (kv * 100).to(dtype)}, metadata)
+    with pytest.raises(ValueError, match=f"bad.safetensors: tensor 'prefix' has dtype {dtype}"):
+        _load(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_prefix_file_with_non_finite_values(saved_prefix, tmp_path, value):
+    _, kv, metadata = saved_prefix
+    kv = kv.clone()
+    kv[1, 0, 1, 2, 0, 5] = value
+    path = _rewrite(tmp_path, {"prefix": kv}, metadata)
+    with pytest.raises(ValueError, match="bad.safetensors: tensor 'prefix' holds non-finite values"):
+        _load(path)
+
+
+@pytest.mark.parametrize("key", ["n_layer", "n_head", "head_dim", "n_embd", "num_virtual_tokens", "num_tasks"])
+def test_prefix_file_with_missing_metadata(saved_prefix, tmp_path, key):
+    _, kv, metadata = saved_prefix
+    path = _rewrite(tmp_path, {"prefix": kv}, {k: v for k, v in metadata.items() if k != key})
+    with pytest.raises(ValueError, match=f"bad.safetensors: metadata has no '{key}'"):
+        _load(path)
+
+
+@pytest.mark.parametrize("key,value", [("num_tasks", "two"), ("num_virtual_tokens", "3.0"), ("n_layer", "-2"),
+                                       ("num_tasks", "0"), ("head_dim", ""), ("n_head", "²")])
+def test_prefix_file_with_malformed_metadata(saved_prefix, tmp_path, key, value):
+    _, kv, metadata = saved_prefix
+    path = _rewrite(tmp_path, {"prefix": kv}, {**metadata, key: value})
+    with pytest.raises(ValueError, match=f"bad.safetensors: metadata {key}={value!r} is not a positive integer"):
+        _load(path)
