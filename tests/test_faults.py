@@ -134,6 +134,21 @@ def test_excluded_slots_are_never_read(backend, case, value):
             assert torch.equal(bank[t, n:], torch.zeros_like(bank[t, n:]))
 
 
+def test_excluded_slots_with_dropout_backends_agree():
+    """With dropout (the torch backend mirrors the Triton mask bit for bit): finite and equal."""
+    case = GARBAGE_CASES[0]
+    results = []
+    for backend in ("triton", "torch"):
+        tensors, kwargs = _garbage_inputs(case, float("nan"))
+        torch.manual_seed(3)
+        out = prefix_attn_func(**tensors, **kwargs, dropout_p=0.2, backend=backend)
+        grads = torch.autograd.grad(out.sum(), list(tensors.values()))
+        results.append([out, *grads])
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all() and torch.isfinite(want).all()
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_reference_ignores_excluded_slots(value):
     """The oracle itself: garbage in excluded slots gives the same result as zeros there."""
