@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from benchmarks.bench_e2e import ROUTES, E2EShape, build
-from benchmarks.conftest import DEVICE
+from benchmarks.conftest import DEVICE, check_records
 
 ON_GPU = DEVICE == "cuda"
 SHAPE = E2EShape("small", 8, 512, 200) if ON_GPU else E2EShape("tiny", 2, 32, 8)
@@ -21,10 +21,17 @@ def test_train_step(benchmark, sync, route):
     ids = torch.randint(0, SHAPE.config().vocab_size, (SHAPE.B, SHAPE.L), device=DEVICE)
 
     def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
+        return loss.detach()
 
     benchmark.extra_info.update(model=SHAPE.model, B=SHAPE.B, L=SHAPE.L, P=SHAPE.P, tokens=ids.numel())
-    benchmark(step)
+    loss = benchmark(step)
+    # One more backward, untimed: the gradients the steps applied are finite and not all zero.
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for p in params]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), "nothing trained"
+    check_records(benchmark, [loss, *grads, *params], ["model", "B", "L", "P", "tokens"])

@@ -7,7 +7,7 @@ import torch
 from benchmarks.bench_attention import AttnShape, _inputs
 from benchmarks.bench_decode import PROVIDERS as DECODE_PROVIDERS
 from benchmarks.bench_decode import DecodeShape
-from benchmarks.conftest import DEVICE
+from benchmarks.conftest import DEVICE, check_records
 from benchmarks.providers import PROVIDERS, unavailable_reason
 
 ON_GPU = DEVICE == "cuda"
@@ -29,13 +29,17 @@ def test_attention(benchmark, sync, provider, mode):
     def run():
         if mode == "fwd":
             with torch.no_grad():
-                fn(*inputs)
+                out = fn(*inputs)
         else:
-            fn(*inputs).backward(dout)
+            out = fn(*inputs)
+            out.backward(dout)
         sync()
+        return out
 
     benchmark.extra_info.update(dataclasses.asdict(ATTN), dtype=str(DTYPE), gflop=ATTN.flops(mode) / 1e9)
-    benchmark(run)
+    out = benchmark(run)
+    grads = [x.grad for x in inputs if x is not None] if mode == "fwd+bwd" else []
+    check_records(benchmark, [out, *grads], [*dataclasses.asdict(ATTN), "dtype", "gflop"])
 
 
 @pytest.mark.parametrize("provider", list(DECODE_PROVIDERS))
@@ -51,8 +55,11 @@ def test_decode_step(benchmark, sync, provider):
 
     def run():
         with torch.no_grad():
-            fn(q, k, v, pk, pv)
+            out = fn(q, k, v, pk, pv)
         sync()
+        return out
 
     benchmark.extra_info.update(dataclasses.asdict(s), dtype=str(DTYPE), bytes=s.bytes_to_move(q.element_size()))
-    benchmark(run)
+    out = benchmark(run)
+    assert out.shape == q.shape
+    check_records(benchmark, [out], [*dataclasses.asdict(s), "dtype", "bytes"])

@@ -45,7 +45,8 @@ def prefix_attn_func(
         attention_mask: (batch, seqlen_k) bool or integer 0/1: which of the sequence's keys may
             be attended (left or right padding, holes). Prefix slots are visible to every query.
         causal: mask key j > seqlen_k - seqlen_q + i for query i. Never applied to prefix slots.
-        softmax_scale: defaults to 1 / sqrt(head_dim).
+        softmax_scale: defaults to 1 / sqrt(head_dim); |softmax_scale| * log2(e) must be finite in
+            float32 (the kernels' factor), ValueError otherwise.
         dropout_p: attention dropout on the probabilities (as GPT-2 applies it in training). The
             mask is drawn from torch's generator (seeded by torch.manual_seed) and regenerated
             bit for bit in backward; see prefix_attn.dropout.
@@ -62,8 +63,9 @@ def prefix_attn_func(
         no prefix) gives zeros and lse = -inf, never NaN, forward or backward.
 
     dtypes float16, bfloat16, float32; head_dim 16..128 (any, e.g. 40, 80, 96); any strides.
-    Differentiable in q, k, v, prefix_k and prefix_v. Bad input raises ValueError or TypeError
-    naming the argument.
+    Differentiable in q, k, v, prefix_k and prefix_v; twice (double backward) with backend="torch",
+    once with "triton" (differentiating its gradients raises RuntimeError). Bad input raises
+    ValueError or TypeError naming the argument.
     """
     dims = check_attention_inputs(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
                                   dropout_p, softmax_scale)

@@ -50,6 +50,41 @@ def backward(dout, dlse, q, k, v, out, lse, rng_state, prefix_k, prefix_v, prefi
         softmax_scale, dropout_p, rng_state, dims)
 
 
+DOUBLE_BACKWARD_ERROR = (
+    "prefix_attn_func(backend='triton') is differentiable once: its backward runs Triton kernels that are not "
+    "differentiable themselves, so the gradient of its gradient (torch.autograd.grad(..., create_graph=True), then "
+    "a loss on that gradient) is not supported. Use backend='torch' for double backward.")
+
+
+class _RefuseDoubleBackward(torch.autograd.Function):
+    """Identity on the Triton backward's gradients, as a node of the graph that create_graph=True
+    builds, linked to every tensor they depend on; its own backward raises. Without it a loss on
+    those gradients would silently miss the op's second-order terms (once_differentiable, with a
+    message that names the op)."""
+
+    @staticmethod
+    def forward(ctx, n_grads, *tensors):
+        return tensors[:n_grads]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def refuse_double_backward(grads, depends_on):
+    """``grads`` as they are, or, while autograd builds a graph of the backward (create_graph=True),
+    outputs of a node that raises DOUBLE_BACKWARD_ERROR when a gradient flows from them to any of
+    ``depends_on`` (the op's inputs, outputs and incoming gradients)."""
+    if not torch.is_grad_enabled():
+        return grads
+    linked = [t for t in depends_on if t is not None and t.requires_grad]
+    present = [g for g in grads if g is not None]
+    if not linked or not present:
+        return grads
+    marked = iter(_RefuseDoubleBackward.apply(len(present), *present, *linked))
+    return tuple(None if g is None else next(marked) for g in grads)
+
+
 class PrefixAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
@@ -70,4 +105,7 @@ class PrefixAttnFunction(torch.autograd.Function):
             dout = torch.zeros_like(out)
         dq, dk, dv, dpk, dpv = backward(dout, dlse, q, k, v, out, lse, rng_state, prefix_k, prefix_v, prefix_idx,
                                         prefix_lens, attention_mask, causal, softmax_scale, dropout_p, backend, dims)
+        if backend == "triton":  # the torch backend's backward is made of differentiable torch ops
+            dq, dk, dv, dpk, dpv = refuse_double_backward(
+                (dq, dk, dv, dpk, dpv), (q, k, v, prefix_k, prefix_v, out, lse, dout, dlse))
         return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None, None

@@ -14,6 +14,12 @@ import torch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 128
+LOG2E = 1.4426950408889634
+FLOAT32_MAX = 3.4028234663852886e38
+# The kernels scale scores by softmax_scale * log2(e) in float32 (the torch backend by softmax_scale):
+# past this bound that factor is inf and every output NaN whatever the inputs. Below it, scores
+# |softmax_scale * q.k| still overflow for large enough q.k; that depends on the data and is not checked.
+MAX_SOFTMAX_SCALE = FLOAT32_MAX / LOG2E
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,10 @@ def check_attention_inputs(
             raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
         if not math.isfinite(softmax_scale):
             raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+        if abs(softmax_scale) * LOG2E > FLOAT32_MAX:
+            raise ValueError(
+                f"softmax_scale {softmax_scale} overflows float32 in the kernels, which multiply the scores by "
+                f"softmax_scale * log2(e) in float32: |softmax_scale| must be at most {MAX_SOFTMAX_SCALE:.6g}")
     return AttnDims(B, Lq, Lk, H, D, num_tasks, prefix_len, is_bank)
 
 

@@ -62,6 +62,12 @@ def prefix_attn_ref(q, k, v, prefix_k=None, prefix_v=None, *, prefix_idx=None, p
     if not dims.has_prefix:
         prefix_k = prefix_v = prefix_idx = prefix_lens = None
     scale = default_scale(dims.head_dim, softmax_scale)
+    if prefix_lens is not None:
+        # Slots past prefix_lens may hold anything (NaN, inf): never read them, not even as 0 * NaN.
+        slot_ok = torch.arange(dims.prefix_len, device=q.device)[None, :] < prefix_lens.to(torch.int64)[:, None]
+        slot_ok = slot_ok.reshape(prefix_k.shape[:-2] + (1, 1))  # (T, P, 1, 1) or (P, 1, 1)
+        prefix_k = torch.where(slot_ok, prefix_k, 0.0)
+        prefix_v = torch.where(slot_ok, prefix_v, 0.0)
     k_all = concat_prefix(prefix_k, k, prefix_idx)
     v_all = concat_prefix(prefix_v, v, prefix_idx)
     visible = prefix_attn_mask(dims.batch, dims.seqlen_q, dims.seqlen_k, dims.prefix_len, q.device,

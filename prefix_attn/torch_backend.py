@@ -32,7 +32,14 @@ class _Prefix:
             self.groups = [(0, None)]  # None: every row, no gather
         slots = torch.arange(self.P, device=device)
         if prefix_lens is not None:
-            self.slot_ok = slots[None, :] < prefix_lens.to(torch.int64)[idx][:, None]  # (B, P)
+            lens = prefix_lens.to(torch.int64)
+            self.slot_ok = slots[None, :] < lens[idx][:, None]  # (B, P)
+            # Slots past a task's prefix_lens are never read: they may hold anything (a bank allocated
+            # with torch.empty: NaN, inf), and a masked score alone still leaves 0 * NaN in p @ V and
+            # in dS @ K. Zero them (torch.where, not a product) as the kernels' masked loads do.
+            task_ok = (slots[None, :] < lens[:, None])[:, None, :, None]  # (T, 1, P, 1)
+            self.k = torch.where(task_ok, self.k, 0.0)
+            self.v = torch.where(task_ok, self.v, 0.0)
         else:
             self.slot_ok = None
 

@@ -306,31 +306,55 @@ class PrefixTuning(nn.Module):
     def load_prefix(cls, model: GPT2PreTrainedModel, path) -> "PrefixTuning":
         """A PrefixTuning around ``model`` holding the prefix saved at ``path`` (merged form, trainable).
 
-        Raises TypeError for a non-GPT-2 model and ValueError for a file that is not a saved prefix or
-        does not fit the model (layers, heads, head dim, positions); the model is unchanged then.
+        Raises TypeError for a non-GPT-2 model and ValueError, naming ``path`` and what is wrong, for a
+        file that is not a saved prefix (unreadable or truncated, other or extra tensors, missing or
+        malformed metadata, a tensor of another shape or dtype than float32, non-finite values) or
+        that does not fit the model (layers, heads, head dim, positions); the model is unchanged then.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         check_gpt2_model(model, "PrefixTuning.load_prefix")
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != PREFIX_FORMAT or "prefix" not in handle.keys():
-                raise ValueError(f"{path} is not a prefix saved by PrefixTuning.save_prefix")
-            if metadata.get("format_version") != PREFIX_FORMAT_VERSION:
-                raise ValueError(f"{path} has prefix format version {metadata.get('format_version')!r}; this "
-                                 f"version of prefix_attn reads version {PREFIX_FORMAT_VERSION}")
-            kv = handle.get_tensor("prefix")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                names = sorted(handle.keys())
+                if metadata.get("format") != PREFIX_FORMAT or "prefix" not in names:
+                    raise ValueError(f"{path} is not a prefix saved by PrefixTuning.save_prefix")
+                if metadata.get("format_version") != PREFIX_FORMAT_VERSION:
+                    raise ValueError(f"{path} has prefix format version {metadata.get('format_version')!r}; this "
+                                     f"version of prefix_attn reads version {PREFIX_FORMAT_VERSION}")
+                if names != ["prefix"]:
+                    raise ValueError(f"{path} holds tensors {names}; a saved prefix holds the tensor 'prefix' alone")
+                kv = handle.get_tensor("prefix")
+        except SafetensorError as error:  # truncated or corrupt header or payload
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
         if metadata.get("model_type") != "gpt2":
             raise ValueError(f"{path} holds a prefix for model type {metadata.get('model_type')!r}, not gpt2")
-        for name, value in _model_dims(model).items():
-            if int(metadata[name]) != value:
-                raise ValueError(f"{path} holds a prefix for a model with {name}={metadata[name]}, but this model "
-                                 f"has {name}={value}")
-        num_tasks, n_prefix = int(metadata["num_tasks"]), int(metadata["num_virtual_tokens"])
+        saved = {name: _metadata_int(metadata, name, path)
+                 for name in ("n_layer", "n_head", "head_dim", "n_embd", "num_virtual_tokens", "num_tasks")}
         dims = _model_dims(model)
+        for name, value in {**dims, "n_embd": model.config.n_embd}.items():
+            if saved[name] != value:
+                raise ValueError(f"{path} holds a prefix for a model with {name}={saved[name]}, but this model "
+                                 f"has {name}={value}")
+        num_tasks, n_prefix = saved["num_tasks"], saved["num_virtual_tokens"]
         expected = (num_tasks, dims["n_layer"], 2, n_prefix, dims["n_head"], dims["head_dim"])
         if tuple(kv.shape) != expected:
             raise ValueError(f"{path}: tensor 'prefix' has shape {tuple(kv.shape)}, its metadata says {expected}")
+        if kv.dtype != torch.float32:
+            raise ValueError(f"{path}: tensor 'prefix' has dtype {kv.dtype}; a saved prefix is float32")
+        if not torch.isfinite(kv).all():
+            raise ValueError(f"{path}: tensor 'prefix' holds non-finite values (NaN or inf)")
         tuned = cls(model, num_virtual_tokens=n_prefix, num_tasks=num_tasks)
         tuned.prefix_encoder = PrefixKV.from_tensor(kv.to(model.device))
         return tuned
+
+
+def _metadata_int(metadata: dict, name: str, path) -> int:
+    """A positive integer of a prefix file's metadata; ValueError naming the file and the key."""
+    if name not in metadata:
+        raise ValueError(f"{path}: metadata has no {name!r}; a saved prefix records it")
+    text = metadata[name]
+    if not (isinstance(text, str) and text.isdecimal() and text.isascii() and int(text) > 0):
+        raise ValueError(f"{path}: metadata {name}={text!r} is not a positive integer")
+    return int(text)
