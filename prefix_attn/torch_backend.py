@@ -3,8 +3,18 @@
 Same contract and same numerics as the Triton backend (fp32 math, the same dropout mask bit for
 bit), forward and backward written out explicitly so that both backends share one autograd and
 custom-op path. It never builds the batch-expanded prefix: prefix scores are an einsum against
-the (P, H, D) block, and a bank is handled task by task over the rows that use each task. Query
-rows are processed in chunks, so that the score tiles stay within ``CHUNK_ELEMENTS``.
+the (P, H, D) block, and a bank is handled task by task over the rows that use each task.
+
+Two paths:
+- CPU tensors without dropout (inference, and training without attention dropout): the sequence's
+  own keys go through PyTorch's fused CPU attention kernel (``_scaled_dot_product_flash_attention_
+  for_cpu``: tiled online softmax, no Lq x Lk score matrix), the P prefix slots are computed
+  explicitly in query chunks, and the two are merged by log-sum-exp. Its backward gets the merged
+  output and lse, from which the fused kernel's recomputed probabilities and row sums are exactly
+  those of the whole softmax over [prefix; keys].
+- Otherwise (dropout, whose mask must be the kernels' Philox mask bit for bit; CUDA tensors; an
+  lse gradient; double backward), scores of [prefix; keys] are materialised for query chunks that
+  stay within ``CHUNK_ELEMENTS``.
 """
 from typing import Optional
 
@@ -37,11 +47,12 @@ class _Prefix:
             # Slots past a task's prefix_lens are never read: they may hold anything (a bank allocated
             # with torch.empty: NaN, inf), and a masked score alone still leaves 0 * NaN in p @ V and
             # in dS @ K. Zero them (torch.where, not a product) as the kernels' masked loads do.
-            task_ok = (slots[None, :] < lens[:, None])[:, None, :, None]  # (T, 1, P, 1)
+            self.task_slot_ok = slots[None, :] < lens[:, None]  # (T, P)
+            task_ok = self.task_slot_ok[:, None, :, None]  # (T, 1, P, 1)
             self.k = torch.where(task_ok, self.k, 0.0)
             self.v = torch.where(task_ok, self.v, 0.0)
         else:
-            self.slot_ok = None
+            self.slot_ok = self.task_slot_ok = None
 
     def apply(self, x, fn, out_shape):
         """Run fn(x_rows, task) per task; scatter into a (B, ...) result of out_shape."""
@@ -101,6 +112,126 @@ def _probs(qc, kf, prefix: Optional[_Prefix], key_ok, causal, scale, dims: AttnD
     return torch.exp(s - lse_safe[..., None]), lse
 
 
+# ---- CPU: the fused kernel for the own keys, the prefix slots explicitly ---------------------------------
+
+def _use_fused_cpu_kernel(q, dims: AttnDims, dropout_p: float) -> bool:
+    # Empty calls stay on the explicit path: the fused kernel dies of a division by zero (SIGFPE) at Lq = 0.
+    return q.device.type == "cpu" and dropout_p == 0.0 and q.numel() > 0 and dims.seqlen_k > 0
+
+
+def _own_key_mask(key_ok, causal: bool, dims: AttnDims, dtype):
+    """(is_causal, additive mask or None, (B or 1, 1, Lq) rows that see at least one own key, or None for all).
+
+    The fused kernel's is_causal is top-left aligned, which is ours (bottom-right) when Lq == Lk; with
+    Lq < Lk the causal part goes into the mask. Its mask must have q's dtype.
+    """
+    Lq, Lk = dims.seqlen_q, dims.seqlen_k
+    device = key_ok.device if key_ok is not None else None
+    top_left = causal and Lq == Lk
+    visible = None
+    if causal and not top_left:
+        qpos = torch.arange(Lq, device=device) + (Lk - Lq)
+        visible = (torch.arange(Lk, device=device)[None, :] <= qpos[:, None])[None, None]  # (1, 1, Lq, Lk)
+    if key_ok is not None:
+        padding = key_ok[:, None, None, :]  # (B, 1, 1, Lk)
+        visible = padding if visible is None else visible & padding
+    if visible is None:
+        return top_left, None, None
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    if key_ok is None:
+        return top_left, mask, None  # bottom-right causal alone leaves every query its own key
+    # A row sees an own key iff an unmasked key lies at or before its causal limit.
+    seen = key_ok.cumsum(-1) > 0 if causal else key_ok.any(-1, keepdim=True).expand(-1, Lk)
+    return top_left, mask, seen[:, Lk - Lq:][:, None, :]  # (B, 1, Lq)
+
+
+def _prefix_rows(dims: AttnDims) -> int:
+    # Query rows per chunk of the prefix part: its (rows x P) score tiles stay far below the expanded
+    # prefix's K and V (P x 2D per (batch, head)) that the concatenation builds.
+    return max(16, min(dims.head_dim // 2, 2 * dims.prefix_len))
+
+
+def _heads_major(x, rows: slice, batch_rows):
+    """The (B, H, L, X) chunk x[batch_rows, :, rows] as (H, n * c, X), one GEMM batch per head: a copy,
+    or a view of x when the layout allows (read it, never write to it)."""
+    chunk = x[:, :, rows] if batch_rows is None else x[batch_rows][:, :, rows]
+    return chunk.transpose(0, 1).reshape(chunk.shape[1], -1, chunk.shape[-1])
+
+
+def _write_heads_major(dst, rows: slice, batch_rows, y, accumulate=False):
+    """dst[batch_rows, :, rows] = y (or += y), y an (H, n * c, X) tile laid out as _heads_major makes it."""
+    H, _, X = y.shape
+    y = y.view(H, -1, rows.stop - rows.start, X).transpose(0, 1)  # (n, H, c, X)
+    if batch_rows is None:
+        target = dst[:, :, rows]
+        target.add_(y) if accumulate else target.copy_(y)
+        return
+    # A task's batch rows are distinct, so index_put (with accumulate or not) is exact.
+    index = (batch_rows[:, None], torch.arange(rows.start, rows.stop, device=dst.device)[None, :])
+    dst.transpose(1, 2).index_put_(index, y.transpose(1, 2), accumulate=accumulate)
+
+
+def _forward_fused_cpu(q, k, v, prefix: Optional[_Prefix], key_ok, causal, scale, dims: AttnDims):
+    is_causal, mask, own_seen = _own_key_mask(key_ok, causal, dims, q.dtype)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, attn_mask=mask, scale=scale)
+    if own_seen is not None:  # the kernel reports lse 0 for a row that sees nothing
+        lse.masked_fill_(~own_seen, float("-inf"))
+    if prefix is not None:
+        # Merged in fp32 into the kernel's output ((B, L, H, D) memory seen as (B, H, L, D)).
+        out = out.float()
+        qf = q.float().transpose(1, 2)
+        step = _prefix_rows(dims)
+        for start in range(0, dims.seqlen_q, step):
+            rows = slice(start, min(start + step, dims.seqlen_q))
+            for task, batch_rows in prefix.groups:
+                lse_own = _heads_major(lse[..., None], rows, batch_rows)[..., 0]  # (H, n)
+                s_pre = torch.matmul(_heads_major(qf, rows, batch_rows), prefix.k[task].transpose(-1, -2)).mul_(scale)
+                if prefix.task_slot_ok is not None:
+                    s_pre.masked_fill_(~prefix.task_slot_ok[task], float("-inf"))
+                lse_all = torch.logaddexp(lse_own, torch.logsumexp(s_pre, dim=-1))
+                safe = torch.where(torch.isneginf(lse_all), 0.0, lse_all)
+                o_pre = torch.matmul(s_pre.sub_(safe[..., None]).exp_(), prefix.v[task])  # (H, n, D)
+                merged = o_pre.addcmul_(_heads_major(out, rows, batch_rows), torch.exp(lse_own - safe)[..., None])
+                _write_heads_major(out, rows, batch_rows, merged)
+                _write_heads_major(lse[..., None], rows, batch_rows, lse_all[..., None])
+    # Contiguous (B, Lq, H, D), as the custom op's fake promises (a copy only if the kernel's layout differs).
+    return out.transpose(1, 2).contiguous().to(q.dtype), lse
+
+
+def _backward_fused_cpu(dout, q, k, v, out, lse, prefix: Optional[_Prefix], key_ok, causal, scale, dims: AttnDims):
+    """Gradients from the merged out and lse (no lse gradient): for the own keys the fused kernel's
+    backward, given the whole softmax's lse and output, recomputes p = exp(s - lse) and
+    delta = rowsum(dout * out) of the softmax over [prefix; keys]; the prefix slots explicitly."""
+    is_causal, mask, _ = _own_key_mask(key_ok, causal, dims, q.dtype)
+    safe = torch.where(torch.isneginf(lse), 0.0, lse)  # a row that sees nothing: every p is 0
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.to(q.dtype).transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        out.to(q.dtype).transpose(1, 2), safe, 0.0, is_causal, attn_mask=mask, scale=scale)
+    dpk = dpv = None
+    if prefix is not None:
+        qf, dof, of = (x.float().transpose(1, 2) for x in (q, dout, out))
+        dq = dq.float()
+        dpk = torch.zeros_like(prefix.k)
+        dpv = torch.zeros_like(prefix.v)
+        step = _prefix_rows(dims)
+        for start in range(0, dims.seqlen_q, step):
+            rows = slice(start, min(start + step, dims.seqlen_q))
+            for task, batch_rows in prefix.groups:
+                qh, doh = _heads_major(qf, rows, batch_rows), _heads_major(dof, rows, batch_rows)
+                delta = (doh * _heads_major(of, rows, batch_rows)).sum(-1)  # (H, n)
+                lse_h = _heads_major(safe[..., None], rows, batch_rows)[..., 0]
+                p_pre = torch.matmul(qh, prefix.k[task].transpose(-1, -2)).mul_(scale).sub_(lse_h[..., None]).exp_()
+                if prefix.task_slot_ok is not None:
+                    p_pre.mul_(prefix.task_slot_ok[task])
+                ds_pre = torch.matmul(doh, prefix.v[task].transpose(-1, -2)).sub_(delta[..., None]).mul_(p_pre)
+                _write_heads_major(dq, rows, batch_rows, torch.matmul(ds_pre, prefix.k[task]).mul_(scale),
+                                   accumulate=True)
+                dpk[task].baddbmm_(ds_pre.transpose(-1, -2), qh)
+                dpv[task].baddbmm_(p_pre.transpose(-1, -2), doh)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dpk, dpv
+
+
 def _validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale):
     dims = check_attention_inputs(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
                                   dropout_p, softmax_scale)
@@ -126,6 +257,8 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, atte
                       dropout_p, rng_state, dims: AttnDims):
     prefix, key_ok = _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims)
     scale = default_scale(dims.head_dim, softmax_scale)
+    if _use_fused_cpu_kernel(q, dims, dropout_p):
+        return _forward_fused_cpu(q, k, v, prefix, key_ok, causal, scale, dims)
     qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # (B, H, L, D)
     out = torch.empty((dims.batch, dims.heads, dims.seqlen_q, dims.head_dim), dtype=torch.float32, device=q.device)
     lse = torch.empty((dims.batch, dims.heads, dims.seqlen_q), dtype=torch.float32, device=q.device)
@@ -156,6 +289,12 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix
                        causal, softmax_scale, dropout_p, rng_state, dims: AttnDims):
     prefix, key_ok = _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims)
     scale = default_scale(dims.head_dim, softmax_scale)
+    # The fused kernel's backward is not differentiable: double backward (create_graph=True) and lse
+    # gradients take the explicit path.
+    if _use_fused_cpu_kernel(q, dims, dropout_p) and dlse is None and not torch.is_grad_enabled():
+        dq, dk, dv, dpk, dpv = _backward_fused_cpu(dout, q, k, v, out, lse, prefix, key_ok, causal, scale, dims)
+        dq, dk, dv = (g.contiguous().to(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
+        return (dq, dk, dv, *_prefix_grads(dpk, dpv, prefix_k, prefix_v, scale))
     qf, kf, vf, dof, of = (x.float().transpose(1, 2) for x in (q, k, v, dout, out))
     delta = (dof * of).sum(-1)
     if dlse is not None:
@@ -199,9 +338,14 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix
     dq = (dq * scale).transpose(1, 2).contiguous().to(q.dtype)
     dk = (dk * scale).transpose(1, 2).contiguous().to(k.dtype)
     dv = dv.transpose(1, 2).contiguous().to(v.dtype)
-    if prefix is not None:
+    return (dq, dk, dv, *_prefix_grads(dpk, dpv, prefix_k, prefix_v, scale))
+
+
+def _prefix_grads(dpk, dpv, prefix_k, prefix_v, scale):
+    """The prefix gradients (T, H, P, D) fp32 (dpk still unscaled) in the prefix's shape and dtype."""
+    if dpk is not None:
         dpk = (dpk * scale).transpose(1, 2).reshape(prefix_k.shape).to(prefix_k.dtype)
         dpv = dpv.transpose(1, 2).reshape(prefix_v.shape).to(prefix_v.dtype)
     elif prefix_k is not None:
         dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
-    return dq, dk, dv, dpk, dpv
+    return dpk, dpv
