@@ -6,7 +6,7 @@ import os
 from collections import defaultdict
 
 FIELDS = ["bench", "provider", "mode", "dtype", "B", "H", "L", "P", "D", "ms_p50", "ms_p20", "ms_p80", "tflops",
-          "kernel_ms", "kernel_tflops", "host_us", "bytes", "gbps", "kernel_gbps", "frac_of_copy_bw", "tokens_per_s", "peak_mem_mb", "device", "torch", "triton",
+          "kernel_ms", "kernel_tflops", "host_us", "host_us_p20", "host_us_p80", "launches", "syncs", "tasks", "bytes", "gbps", "kernel_gbps", "frac_of_copy_bw", "tokens_per_s", "peak_mem_mb", "device", "torch", "triton",
           "commit", "skipped"]
 SHAPE_KEYS = ("B", "H", "L", "P", "D", "dtype")
 FUSED = ("prefix_attn", "prefix_attn_torch", "peft+patch", "native")
@@ -37,7 +37,7 @@ def _group(records):
 
 
 def summary_markdown(records, env, quick) -> str:
-    measured = [r for r in records if not r.get("skipped")]
+    measured = [r for r in records if not r.get("skipped") and "ms_p50" in r]  # host records: their own table
     lines = [f"# Benchmark results: {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, transformers {env.get('transformers', '?')}, "
              f"commit {env['commit']}{' (quick sweep)' if quick else ''}.", ""]
@@ -66,6 +66,11 @@ def summary_markdown(records, env, quick) -> str:
                          f"{_fmt(r['ms_p50'])} [{_fmt(r['ms_p20'])}, {_fmt(r['ms_p80'])}] | "
                          f"{_fmt(r.get('tflops'))} | {_fmt(r.get('kernel_ms'))} | {_fmt(r.get('kernel_tflops'))} | "
                          f"{_fmt(r.get('peak_mem_mb'), 4)} | {speed} | {mem} |")
+    from benchmarks.bench_host import summary_markdown as host_summary
+
+    host = host_summary(records)
+    if host:
+        lines += ["", host]
     skipped = {(r["provider"], r["skipped"]) for r in records if r.get("skipped")}
     if skipped:
         lines += ["", "Skipped providers:"] + [f"- {p}: {why}" for p, why in sorted(skipped)]
@@ -81,7 +86,7 @@ def plot_sweeps(records, out_dir):
     except ImportError:
         return []
     paths = []
-    measured = [r for r in records if not r.get("skipped")]
+    measured = [r for r in records if not r.get("skipped") and "ms_p50" in r]
     for bench in sorted({r["bench"] for r in measured}):
         rows = [r for r in measured if r["bench"] == bench]
         modes = sorted({r["mode"] for r in rows})
