@@ -192,9 +192,12 @@ def default_scale(head_dim: int, softmax_scale: Optional[float]) -> float:
 def check_row_offsets_fit_int32(**tensors) -> None:
     """The kernels index within one (batch, head) row in int32: check that this cannot overflow."""
     for name, x in tensors.items():
-        if x is None or x.numel() == 0:
+        if x is None:
             continue
-        span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[-3:], x.stride()[-3:]))
+        (n1, n2, n3), (s1, s2, s3) = x.shape[-3:], x.stride()[-3:]
+        if n1 == 0 or n2 == 0 or n3 == 0:
+            continue
+        span = (n1 - 1) * abs(s1) + (n2 - 1) * abs(s2) + (n3 - 1) * abs(s3)
         if span >= 2**31:
             raise ValueError(f"{name} spans {span} elements within one batch entry, more than int32 offsets "
                              f"allow; split the call along the sequence")

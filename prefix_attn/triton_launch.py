@@ -13,6 +13,7 @@ from csrc_triton.common import INTERPRET, LOG2E
 from csrc_triton.decode import decode_merge_kernel, decode_prefix_kernel, decode_seq_kernel
 from csrc_triton.dropout_mask import dropout_mask_kernel
 from csrc_triton.prefix_grad import prefix_grad_partial_kernel, prefix_grad_reduce_kernel
+from prefix_attn._launch import launcher
 from prefix_attn.checks import (
     AttnDims, check_attention_inputs, check_prefix_values, check_row_offsets_fit_int32, check_triton_device,
     default_scale,
@@ -160,10 +161,9 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, atte
         q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
         dropout_p, rng_state, dims)
     grid = lambda meta: (_cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    prefix_attn_fwd_kernel[grid](
+    launcher(prefix_attn_fwd_kernel)(grid, (
         *pointers, out, lse, *strides, *out.stride(), *mask_strides, *sizes,
-        scale * LOG2E, keep_scale(dropout_p), *tune, **cx,
-    )
+        scale * LOG2E, keep_scale(dropout_p), *tune), cx)
     return out, lse
 
 
@@ -222,25 +222,25 @@ def decode_forward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attenti
     part_lse = torch.empty((n_parts, B, H, Lq), dtype=torch.float32, device=device)
     if n_psplits:
         tables = tables if tables is not None else (q,) * 4
-        decode_prefix_kernel[(n_tiles, n_psplits, H)](
+        launcher(decode_prefix_kernel)((n_tiles, n_psplits, H), (
             q, prefix_k, prefix_v, prefix_lens if prefix_lens is not None else q, *tables, part_out, part_lse,
             *q.stride(), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
-            B, H, Lq, P, B * Lq, slots_per_split, scale * LOG2E,
+            B, H, Lq, P, B * Lq, slots_per_split, scale * LOG2E), dict(
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=DECODE_BLOCK_R, BLOCK_P=DECODE_BLOCK_N,
             HAS_BANK=dims.is_bank, HAS_PREFIX_LENS=prefix_lens is not None, DOT_PRECISION=precision,
-        )
+        ))
     mask = _mask_arg(attention_mask)
-    decode_seq_kernel[(n_ssplits, B * H)](
+    launcher(decode_seq_kernel)((n_ssplits, B * H), (
         q, k, v, mask if mask is not None else q, part_out, part_lse,
         *q.stride(), *k.stride(), *v.stride(), *(mask.stride() if mask is not None else (0, 0)),
-        B, H, Lq, Lk, keys_per_split, n_psplits, scale * LOG2E,
+        B, H, Lq, Lk, keys_per_split, n_psplits, scale * LOG2E), dict(
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=DECODE_BLOCK_M, BLOCK_N=DECODE_BLOCK_N,
         HAS_KEY_MASK=mask is not None, CAUSAL=bool(causal), DOT_PRECISION=precision,
-    )
-    decode_merge_kernel[(B * H,)](
-        part_out, part_lse, out, lse, *out.stride(), B, H, Lq, n_parts,
+    ))
+    launcher(decode_merge_kernel)((B * H,), (
+        part_out, part_lse, out, lse, *out.stride(), B, H, Lq, n_parts), dict(
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=DECODE_BLOCK_M,
-    )
+    ))
     return out, lse
 
 
@@ -297,21 +297,19 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     lse_log2 = torch.empty_like(delta)
     cx_d = dict(HEAD_DIM=D, BLOCK_D=max(16, _next_pow2(D)))
-    bwd_preprocess_kernel[(_cdiv(Lq, PREPROCESS_BLOCK_M), B * H)](
+    launcher(bwd_preprocess_kernel)((_cdiv(Lq, PREPROCESS_BLOCK_M), B * H), (
         out, dout, lse, dlse if dlse is not None else lse, delta, lse_log2,
-        *out.stride(), *dout.stride(), H, Lq, BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None, **cx_d,
-    )
+        *out.stride(), *dout.stride(), H, Lq), dict(BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None, **cx_d))
 
     pointers, strides, mask_strides, sizes, scale, cx, tune = _launch_common(
         q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
         dropout_p, rng_state, dims)
     dropout_scale = keep_scale(dropout_p)
     grid = lambda meta: (max(_cdiv(Lk, meta["BLOCK_N1"]), _cdiv(Lq, meta["BLOCK_M2"])), B * H)  # noqa: E731
-    bwd_seq_kernel[grid](
+    launcher(bwd_seq_kernel)(grid, (
         *pointers, dout, lse_log2, delta, dq, dk, dv,
         *strides, *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *mask_strides, *sizes,
-        scale * LOG2E, scale, dropout_scale, *tune, **cx,
-    )
+        scale * LOG2E, scale, dropout_scale, *tune), cx)
 
     if dims.has_prefix:
         pk, pv = prefix_k, prefix_v
@@ -324,18 +322,17 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix
         ws_v = torch.empty_like(ws_k)
         tables = tables if tables is not None else (q,) * 4
         cx_p = dict(HEAD_DIM=D, BLOCK_D=cx["BLOCK_D"], BLOCK_P=block_p, HAS_BANK=cx["HAS_BANK"])
-        prefix_grad_partial_kernel[(n_pieces, n_pblocks, H)](
+        launcher(prefix_grad_partial_kernel)((n_pieces, n_pblocks, H), (
             q, pk, pv, dout, lse_log2, delta, pointers[6], pointers[8], *tables, ws_k, ws_v,
             *q.stride(), *_prefix_strides(pk), *_prefix_strides(pv), *dout.stride(),
             H, Lq, dims.prefix_len, p_pad, n_qblocks, ipp, B * n_qblocks, sizes[4], sizes[5],
-            scale * LOG2E, scale, dropout_scale,
+            scale * LOG2E, scale, dropout_scale), dict(
             BLOCK_M=PREFIX_GRAD_BLOCK_M, HAS_PREFIX_LENS=cx["HAS_PREFIX_LENS"], HAS_DROPOUT=cx["HAS_DROPOUT"],
             DOT_PRECISION=cx["DOT_PRECISION"], **cx_p,
-        )
-        prefix_grad_reduce_kernel[(dims.num_tasks, n_pblocks, H)](
+        ))
+        launcher(prefix_grad_reduce_kernel)((dims.num_tasks, n_pblocks, H), (
             ws_k, ws_v, tables[2], dpk, dpv, *_prefix_strides(dpk), *_prefix_strides(dpv),
-            H, dims.prefix_len, p_pad, n_pieces, **cx_p,
-        )
+            H, dims.prefix_len, p_pad, n_pieces), cx_p)
     return dq, dk, dv, dpk, dpv
 
 
