@@ -35,9 +35,12 @@ class LaunchCounter:
 
     def __init__(self):
         self.count = 0
+        self.recorded = None  # a list to keep every launch's arguments in (tests)
 
     def __call__(self, *args):
         self.count += 1
+        if self.recorded is not None:
+            self.recorded.append(args)
 
 
 LAUNCHES = LaunchCounter()

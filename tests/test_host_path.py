@@ -67,3 +67,18 @@ def test_host_benchmark_launch_and_sync_counts(host_records):
         assert ours[("decode", tasks)]["launches"] <= 3
     for mode in ("fwd", "bwd", "decode"):
         assert ours[(mode, 1)]["syncs"] == 0, mode
+
+
+def test_direct_launches_match_triton_dispatch():
+    """Under the fake driver (real Triton launch path, C launch recorded): the second call of each
+    mode, launched directly from the kept compiled kernels, hands the C launcher the same grids and
+    arguments as the first call, which went through kernel[grid](...)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "tests.host_launch_check"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(results) == {"fwd-1", "bwd-1", "decode-1", "fwd-4", "bwd-4", "decode-4"}
+    for name, r in results.items():
+        assert r["launches"] >= 1 and r["same"], (name, r)
+        assert r["cached"] >= r["launches"], (name, r)

@@ -1,0 +1,46 @@
+"""Run by tests/test_host_path.py in a process without TRITON_INTERPRET: under the fake driver, the
+direct launches of prefix_attn._launch must hand Triton's C launcher exactly what Triton's own
+dispatch (kernel[grid](...)) hands it. Prints one JSON line with the result."""
+import json
+import sys
+
+import torch
+
+from benchmarks import bench_host, fake_driver
+from prefix_attn import _launch
+
+
+def _normalise(x):
+    if isinstance(x, torch.Tensor):
+        return ("tensor", str(x.dtype), tuple(x.shape), tuple(x.stride()))
+    if isinstance(x, (tuple, list)):
+        return tuple(_normalise(y) for y in x)
+    if x is None or type(x).__name__ in ("HookChain", "LazyDict"):
+        return "hook-or-metadata"  # Triton passes empty hook chains; the direct path passes None
+    if isinstance(x, (int, float, bool, str)):
+        return x
+    return type(x).__name__
+
+
+def main():
+    results = {}
+    with bench_host.fake_gpu():
+        for s in bench_host.shapes(quick=False):
+            inputs = bench_host._inputs(s, torch.bfloat16, "cpu", s.kind == "train")
+            closures = bench_host._closures("prefix_attn", s, inputs, None)  # one call through Triton
+            for mode, fn in closures.items():
+                for launcher in _launch._LAUNCHERS.values():
+                    launcher.clear()
+                fake_driver.LAUNCHES.recorded = through_triton = []
+                fn()
+                fake_driver.LAUNCHES.recorded = direct = []
+                fn()
+                fake_driver.LAUNCHES.recorded = None
+                cached = sum(len(launcher._kernels) for launcher in _launch._LAUNCHERS.values())
+                same = [_normalise(a) for a in through_triton] == [_normalise(a) for a in direct]
+                results[f"{mode}-{s.tasks}"] = dict(launches=len(direct), same=same, cached=cached)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
