@@ -67,6 +67,7 @@ def test_host_benchmark_launch_and_sync_counts(host_records):
         assert ours[("decode", tasks)]["launches"] <= 3
     for mode in ("fwd", "bwd", "decode"):
         assert ours[(mode, 1)]["syncs"] == 0, mode
+        assert ours[(mode, 4)]["syncs"] <= 1, mode  # a bank: prefix_idx is read once, on its first call
 
 
 def test_direct_launches_match_triton_dispatch():
@@ -82,3 +83,115 @@ def test_direct_launches_match_triton_dispatch():
     for name, r in results.items():
         assert r["launches"] >= 1 and r["same"], (name, r)
         assert r["cached"] >= r["launches"], (name, r)
+
+
+# ---- host syncs per step (counted on CPU: every value read a CUDA run would wait for) ----------------
+
+def _tiny_gpt2(n_layer, vocab=100):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, n_positions=64, vocab_size=vocab, attn_pdrop=0.1,
+                        resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def _padded_batch(batch=4, length=8, vocab=100):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :2] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_op_with_a_bank_syncs_at_most_once(backend):
+    from prefix_attn import prefix_attn_func
+
+    B, L, H, D, T, P = 3, 20, 2, 16, 3, 5
+    q, k, v = (torch.randn(B, L, H, D, requires_grad=True) for _ in range(3))
+    pk, pv = (torch.randn(T, P, H, D, requires_grad=True) for _ in range(2))
+    idx = torch.tensor([2, 0, 2])
+    with HostSyncCounter() as syncs:
+        out = prefix_attn_func(q, k, v, pk, pv, prefix_idx=idx, dropout_p=0.1, backend=backend)
+        out.sum().backward()
+    assert syncs.count <= 1, syncs.sources
+    with HostSyncCounter() as syncs:  # the same (unmodified) prefix_idx again: already checked
+        prefix_attn_func(q, k, v, pk, pv, prefix_idx=idx, backend=backend).sum().backward()
+    assert syncs.count == 0, syncs.sources
+
+
+@pytest.mark.parametrize("n_layer", [2, 4])
+def test_native_mixed_task_training_step_syncs_at_most_once(n_layer):
+    from prefix_attn import PrefixTuning
+
+    tuned = PrefixTuning(_tiny_gpt2(n_layer), num_virtual_tokens=4, num_tasks=2, projection_dim=16).train()
+    ids, mask = _padded_batch()
+    for _ in range(2):  # the second step is the steady state
+        with HostSyncCounter() as syncs:
+            loss = tuned(ids, attention_mask=mask, labels=ids, prefix_idx=torch.tensor([0, 1, 1, 0])).loss
+            loss.backward()
+        assert syncs.count <= 1, syncs.sources
+
+
+def test_peft_route_training_step_does_not_sync():
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from prefix_attn import apply_prefix_attn_to_peft
+
+    model = get_peft_model(_tiny_gpt2(2), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    model = apply_prefix_attn_to_peft(model).train()
+    ids, mask = _padded_batch()
+    for _ in range(2):
+        with HostSyncCounter() as syncs:
+            model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        assert syncs.count == 0, syncs.sources
+
+
+@pytest.mark.parametrize("n_layer", [2, 4])
+def test_native_decode_step_syncs_at_most_once(n_layer):
+    from prefix_attn import PrefixTuning
+
+    tuned = PrefixTuning(_tiny_gpt2(n_layer), num_virtual_tokens=4, num_tasks=2).eval()
+    ids, mask = _padded_batch()
+    idx = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        out = tuned(ids, attention_mask=mask, prefix_idx=idx, use_cache=True)
+        step_mask = torch.cat([mask, torch.ones(4, 1, dtype=mask.dtype)], 1)
+        with HostSyncCounter() as syncs:
+            tuned(ids[:, -1:], attention_mask=step_mask, prefix_idx=idx, past_key_values=out.past_key_values,
+                  use_cache=True)
+    assert syncs.count <= 1, syncs.sources
+
+
+def test_bad_prefix_idx_still_raises_every_call():
+    """The once-per-tensor check never lets a bad value through: new tensors and in-place changes
+    are checked again."""
+    from prefix_attn import prefix_attn_func
+
+    q = k = v = torch.randn(2, 4, 2, 16)
+    pk = pv = torch.randn(3, 2, 2, 16)
+    idx = torch.tensor([0, 2])
+    prefix_attn_func(q, k, v, pk, pv, prefix_idx=idx, backend="torch")
+    idx[1] = 3  # in place: the version counter moves, the check runs again
+    with pytest.raises(ValueError, match="prefix_idx"):
+        prefix_attn_func(q, k, v, pk, pv, prefix_idx=idx, backend="torch")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="prefix_idx"):
+            prefix_attn_func(q, k, v, pk, pv, prefix_idx=torch.tensor([-1, 0]), backend="torch")
+
+
+def test_training_forwards_build_no_cache():
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from prefix_attn import PrefixTuning, apply_prefix_attn_to_peft
+
+    ids, mask = _padded_batch()
+    tuned = PrefixTuning(_tiny_gpt2(2), num_virtual_tokens=4).train()
+    peft_model = apply_prefix_attn_to_peft(
+        get_peft_model(_tiny_gpt2(2), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))).train()
+    for model in (tuned, peft_model):
+        assert model(input_ids=ids, attention_mask=mask, labels=ids).past_key_values is None
+        assert model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values is not None
+        model.eval()
+        assert model(input_ids=ids, attention_mask=mask).past_key_values is not None  # eval: as before
