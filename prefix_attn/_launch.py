@@ -33,6 +33,7 @@ except ImportError:  # Triton < 3.4 has no knobs: no launch hooks to honour eith
     _knobs = None
 
 _INT32_MIN, _INT32_MAX = -2**31, 2**31 - 1
+_MAX_EXACT_KEYS = 4096
 
 
 def _hook_set(hook) -> bool:
@@ -103,7 +104,8 @@ class DirectLauncher:
 
         self.kernel = kernel
         self.autotuner = kernel if isinstance(kernel, Autotuner) else None
-        self._kernels = {}
+        self._kernels = {}  # specialisation key -> launch entry
+        self._exact = {}  # exact argument key -> launch entry (level 1, bounded)
         self._layouts = {}
         if common.INTERPRET:  # an InterpretedFunction: every call goes through kernel[grid]
             return
@@ -127,11 +129,25 @@ class DirectLauncher:
         if launch_hooks_set():
             self.kernel[grid](*args, **constexprs)
             return
-        key = self._key(args, constexprs)
-        entry = self._kernels.get(key)
+        # Level 1: the exact integer values (strides, sizes), each tensor's dtype and alignment. Calls
+        # of a training step repeat them exactly; a miss (a decode step's new length) falls back to
+        # the specialisation key, which maps many level-1 keys to one compiled kernel.
+        types = tuple(map(type, args))
+        layout = self._layouts.get(types)
+        if layout is None:
+            layout = self._layouts[types] = _ArgLayout(types)
+        exact = (tuple(constexprs.items()), types, layout.ints(args),
+                 tuple([(t.dtype, t.data_ptr() & 15) for t in layout.tensors(args)]))
+        entry = self._exact.get(exact)
         if entry is None:
-            self._first_launch(key, grid, args, constexprs)  # launches through Triton
-            return
+            key = self._key(args, constexprs)
+            entry = self._kernels.get(key)
+            if entry is None:
+                self._first_launch(key, grid, args, constexprs)  # launches through Triton
+                return
+            if len(self._exact) >= _MAX_EXACT_KEYS:
+                self._exact.clear()
+            self._exact[exact] = entry
         run, function, packed_metadata, meta, tail = entry
         if callable(grid):
             grid = grid(meta if meta is not None else dict(zip(self.arg_names, args), **constexprs))
@@ -175,6 +191,7 @@ class DirectLauncher:
 
     def clear(self):
         self._kernels.clear()
+        self._exact.clear()
 
 
 _LAUNCHERS: dict = {}

@@ -34,10 +34,13 @@ def main():
                 fake_driver.LAUNCHES.recorded = through_triton = []
                 fn()
                 fake_driver.LAUNCHES.recorded = direct = []
-                fn()
+                fn()  # found by specialisation key
+                fake_driver.LAUNCHES.recorded = direct_exact = []
+                fn()  # found by exact argument key
                 fake_driver.LAUNCHES.recorded = None
                 cached = sum(len(launcher._kernels) for launcher in _launch._LAUNCHERS.values())
-                same = [_normalise(a) for a in through_triton] == [_normalise(a) for a in direct]
+                want = [_normalise(a) for a in through_triton]
+                same = want == [_normalise(a) for a in direct] == [_normalise(a) for a in direct_exact]
                 results[f"{mode}-{s.tasks}"] = dict(launches=len(direct), same=same, cached=cached)
     print(json.dumps(results))
 
