@@ -195,3 +195,18 @@ def test_training_forwards_build_no_cache():
         assert model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values is not None
         model.eval()
         assert model(input_ids=ids, attention_mask=mask).past_key_values is not None  # eval: as before
+
+
+def test_per_layer_prefix_is_one_autograd_node():
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from prefix_attn import PrefixTuning
+    from prefix_attn.integrations.peft import peft_prefix_kv
+
+    for num_tasks in (1, 3):
+        prefix = PrefixTuning(_tiny_gpt2(3), num_virtual_tokens=4, num_tasks=num_tasks, projection_dim=8).prefix_kv()
+        assert len(prefix) == 3
+        assert len({id(t.grad_fn) for kv in prefix for t in kv}) == 1
+    peft_model = get_peft_model(_tiny_gpt2(3), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    prefix = peft_prefix_kv(peft_model)
+    assert len(prefix) == 3 and len({id(t.grad_fn) for kv in prefix for t in kv}) == 1

@@ -67,8 +67,9 @@ def peft_prefix_kv(peft_model) -> tuple:
     if dtype is not None:
         flat = flat.to(dtype)
     n_layer, heads = config.num_layers, config.num_attention_heads
-    kv = flat.view(n_prefix, n_layer, 2, heads, config.token_dim // heads)
-    return tuple((kv[:, layer, 0], kv[:, layer, 1]) for layer in range(n_layer))
+    # One autograd node (an unbind) for all layers' views, not a select per layer and per k/v.
+    per_layer = flat.view(n_prefix, 2 * n_layer, heads, config.token_dim // heads).unbind(1)
+    return tuple(zip(per_layer[0::2], per_layer[1::2]))
 
 
 def _drop_token_type_ids(kwargs: dict) -> None:

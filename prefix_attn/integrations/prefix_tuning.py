@@ -140,13 +140,14 @@ class PrefixTuning(nn.Module):
         """Tuple over layers of (k, v), each (P, H, D) for one task or (T, P, H, D), in the model's dtype.
 
         Views of one (T, n_layer, 2, P, H, D) tensor (cast from float32 only if the model is not float32);
-        differentiable into the prefix parameters.
+        differentiable into the prefix parameters through one autograd node (an unbind, whose backward
+        stacks the layers' gradients once), not four selects per layer.
         """
         kv = self.prefix_encoder().to(self.model.dtype)
         if self.num_tasks == 1:
             kv = kv[0]
-        return tuple((kv.select(-5, layer).select(-4, 0), kv.select(-5, layer).select(-4, 1))
-                     for layer in range(kv.shape[-5]))
+        per_layer = kv.flatten(-5, -4).unbind(-4)  # entry 2l: layer l's keys, 2l + 1: its values
+        return tuple(zip(per_layer[0::2], per_layer[1::2]))
 
     def merge(self) -> "PrefixTuning":
         """Replace the MLP reparameterisation by the keys and values it produces (as the paper does after
