@@ -210,3 +210,13 @@ def test_per_layer_prefix_is_one_autograd_node():
     peft_model = get_peft_model(_tiny_gpt2(3), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     prefix = peft_prefix_kv(peft_model)
     assert len(prefix) == 3 and len({id(t.grad_fn) for kv in prefix for t in kv}) == 1
+
+
+def test_int32_span_check_fast_path_keeps_the_check():
+    from prefix_attn.checks import check_row_offsets_fit_int32
+
+    small = torch.empty(2, 8, 2, 16)
+    check_row_offsets_fit_int32(q=small, k=small.transpose(1, 2))
+    wide = torch.empty_strided((1, 2, 2, 16), (0, 2**31, 16, 1), device="meta")  # no memory behind it
+    with pytest.raises(ValueError, match="k spans"):
+        check_row_offsets_fit_int32(q=small, k=wide)
