@@ -106,7 +106,8 @@ class DirectLauncher:
         self.autotuner = kernel if isinstance(kernel, Autotuner) else None
         self._kernels = {}  # specialisation key -> launch entry
         self._exact = {}  # exact argument key -> launch entry (level 1, bounded)
-        self._layouts = {}
+        self._layouts = {}  # argument types -> _ArgLayout
+        self._layout_by_count = {}  # number of arguments -> the layout last seen with it
         if common.INTERPRET:  # an InterpretedFunction: every call goes through kernel[grid]
             return
         jit = kernel
@@ -129,17 +130,28 @@ class DirectLauncher:
         if launch_hooks_set():
             self.kernel[grid](*args, **constexprs)
             return
-        # Level 1: the exact integer values (strides, sizes), each tensor's dtype and alignment. Calls
-        # of a training step repeat them exactly; a miss (a decode step's new length) falls back to
-        # the specialisation key, which maps many level-1 keys to one compiled kernel.
-        types = tuple(map(type, args))
-        layout = self._layouts.get(types)
-        if layout is None:
-            layout = self._layouts[types] = _ArgLayout(types)
-        exact = (tuple(constexprs.items()), types, layout.ints(args),
-                 tuple([(t.dtype, t.data_ptr() & 15) for t in layout.tensors(args)]))
-        entry = self._exact.get(exact)
+        # Level 1: the exact integer values (strides, sizes), each tensor's dtype and alignment, read
+        # at the positions of the last argument layout seen with this many arguments (a call site
+        # passes the same types every time; any other mix misses, or fails on a non-tensor's .dtype,
+        # and is sorted out below from the types themselves). Calls of a training step repeat these
+        # exactly; a miss (a decode step's new cache length) falls back to the specialisation key,
+        # which maps many level-1 keys to one compiled kernel.
+        layout = self._layout_by_count.get(len(args))
+        try:
+            exact = None if layout is None else (
+                layout, tuple(constexprs.items()), layout.ints(args),
+                tuple([(t.dtype, t.data_ptr() & 15) for t in layout.tensors(args)]))
+        except AttributeError:
+            exact = None
+        entry = self._exact.get(exact) if exact is not None else None
         if entry is None:
+            types = tuple(map(type, args))
+            layout = self._layouts.get(types)
+            if layout is None:
+                layout = self._layouts[types] = _ArgLayout(types)
+            self._layout_by_count[len(args)] = layout
+            exact = (layout, tuple(constexprs.items()), layout.ints(args),
+                     tuple([(t.dtype, t.data_ptr() & 15) for t in layout.tensors(args)]))
             key = self._key(args, constexprs)
             entry = self._kernels.get(key)
             if entry is None:
@@ -192,6 +204,7 @@ class DirectLauncher:
     def clear(self):
         self._kernels.clear()
         self._exact.clear()
+        self._layout_by_count.clear()
 
 
 _LAUNCHERS: dict = {}
