@@ -3,7 +3,8 @@
 How it works (Triton 3.6 and 3.9; the internals it leans on are named here so that a new release
 that moves them fails loudly, not silently):
 
-- ``install()`` makes ``triton.runtime.driver.active`` a ``FakeCudaDriver``: current device 0,
+- ``install()`` makes ``triton.runtime.driver.active`` a ``FakeCudaDriver``: current device 0 (tests
+  switch it with ``set_current_device``),
   current stream 0, target ``GPUTarget("cuda", 90, 32)`` (an H100). ``JITFunction.run`` then does
   everything it does on a GPU: knob reads, the binder over every argument, the cache key, and on
   the first call per specialisation a real compilation to a cubin (ptxas runs without a GPU).
@@ -52,8 +53,8 @@ class _FakeUtils:
     launch = LAUNCHES
 
     def load_binary(self, name, kernel, shared, device):
-        # (module, function, n_regs, n_spills, n_max_threads)
-        return 1, 1, 0, 0, H100_MAX_THREADS
+        # (module, function, n_regs, n_spills, n_max_threads); the handles name the device loaded on
+        return 1 + device, 1 + device, 0, 0, H100_MAX_THREADS
 
     def unload_module(self, module):
         pass
@@ -116,6 +117,7 @@ def _driver_class():
             self.utils = _FakeUtils()
             self.launcher_cls = _launcher_class()
             self.target = GPUTarget("cuda", 90, 32)
+            self.device = 0
 
         @classmethod
         def is_active(cls):
@@ -128,10 +130,10 @@ def _driver_class():
             return self.target
 
         def get_current_device(self):
-            return 0
+            return self.device
 
         def set_current_device(self, device):
-            pass
+            self.device = device
 
         def get_current_stream(self, device=None):
             return 0

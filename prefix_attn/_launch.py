@@ -136,10 +136,12 @@ class DirectLauncher:
         # and is sorted out below from the types themselves). Calls of a training step repeat these
         # exactly; a miss (a decode step's new cache length) falls back to the specialisation key,
         # which maps many level-1 keys to one compiled kernel.
+        active = driver.active
+        device = active.get_current_device()  # a compiled kernel is loaded per device, as Triton keeps it
         layout = self._layout_by_count.get(len(args))
         try:
             exact = None if layout is None else (
-                layout, tuple(constexprs.items()), layout.ints(args),
+                device, layout, tuple(constexprs.items()), layout.ints(args),
                 tuple([(t.dtype, t.data_ptr() & 15) for t in layout.tensors(args)]))
         except AttributeError:
             exact = None
@@ -150,9 +152,9 @@ class DirectLauncher:
             if layout is None:
                 layout = self._layouts[types] = _ArgLayout(types)
             self._layout_by_count[len(args)] = layout
-            exact = (layout, tuple(constexprs.items()), layout.ints(args),
+            exact = (device, layout, tuple(constexprs.items()), layout.ints(args),
                      tuple([(t.dtype, t.data_ptr() & 15) for t in layout.tensors(args)]))
-            key = self._key(args, constexprs)
+            key = (device, self._key(args, constexprs))
             entry = self._kernels.get(key)
             if entry is None:
                 self._first_launch(key, grid, args, constexprs)  # launches through Triton
@@ -163,8 +165,7 @@ class DirectLauncher:
         run, function, packed_metadata, meta, tail = entry
         if callable(grid):
             grid = grid(meta if meta is not None else dict(zip(self.arg_names, args), **constexprs))
-        active = driver.active
-        stream = active.get_current_stream(active.get_current_device())
+        stream = active.get_current_stream(device)
         run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, function,
             packed_metadata, None, None, None, *args, *tail)
 

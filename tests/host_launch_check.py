@@ -42,6 +42,19 @@ def main():
                 want = [_normalise(a) for a in through_triton]
                 same = want == [_normalise(a) for a in direct] == [_normalise(a) for a in direct_exact]
                 results[f"{mode}-{s.tasks}"] = dict(launches=len(direct), same=same, cached=cached)
+        # A compiled kernel is loaded per device: after a switch the launches use that device's handle.
+        s = bench_host.shapes(quick=True)[0]
+        fwd = bench_host._closures("prefix_attn", s, bench_host._inputs(s, torch.bfloat16, "cpu", True), None)["fwd"]
+        handles = {}
+        for device in (0, 1, 1, 0):
+            fake_driver.install().set_current_device(device)
+            fake_driver.LAUNCHES.recorded = launched = []
+            fn_out = fwd()
+            fake_driver.LAUNCHES.recorded = None
+            fake_driver.uninstall()
+            handles.setdefault(device, set()).add(launched[0][4])  # (gridX, gridY, gridZ, stream, function, ...)
+            del fn_out
+        results["device_handles"] = {str(d): sorted(h) for d, h in handles.items()}
     print(json.dumps(results))
 
 
