@@ -13,7 +13,10 @@ cache key from ``str(options)``). ``DirectLauncher`` does that work once per spe
    alignment, each integer's divisibility by 16, equality to 1 and 32-bit range (a key finer than
    Triton's, never coarser, so it never reuses a kernel Triton would not).
 3. Later calls look the kernel up and call its launcher directly with the current device's
-   stream: a few microseconds.
+   stream: a few microseconds. The lookup goes first by the exact argument values (one tuple of
+   the integer arguments, each tensor's dtype and alignment: the calls of a training step repeat
+   them), then, on a miss such as a decode step's new cache length, by the specialisation key.
+   Both keys hold the current device: a compiled kernel is loaded per device.
 
 Under Triton's interpreter (TRITON_INTERPRET=1) there is no compiled kernel: every call is a
 plain ``kernel[grid](...)``. A launch hook (a profiler such as proton) also sends calls through
@@ -95,8 +98,10 @@ class DirectLauncher:
 
     args: the kernel's runtime (non-constexpr) arguments, positionally, in signature order.
     constexprs: its constexpr arguments except those of the autotuning config, by name.
-    grid: a tuple, or a function of the launch's meta-parameters (args by name, constexprs and the
-    config's keyword arguments), as with ``kernel[grid]``.
+    grid: a tuple, or a function of the launch's meta-parameters as with ``kernel[grid]``; for an
+    autotuned kernel it may read only the constexprs and the config's keyword arguments (block
+    sizes), which are fixed per compiled kernel (a plain kernel's grid function also gets the
+    arguments by name).
     """
 
     def __init__(self, kernel):
