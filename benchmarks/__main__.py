@@ -6,11 +6,13 @@ import sys
 
 import torch
 
-from benchmarks import bench_attention, bench_decode, bench_e2e
+from benchmarks import bench_attention, bench_decode, bench_e2e, bench_host
 from benchmarks.measure import device_name, environment, measure_ceilings
 from benchmarks.report import write_results
 
-BENCHES = {"attention": bench_attention.run, "decode": bench_decode.run, "e2e": bench_e2e.run}
+# host last: without a GPU it installs a fake Triton driver (benchmarks/fake_driver.py) for its run.
+BENCHES = {"attention": bench_attention.run, "decode": bench_decode.run, "e2e": bench_e2e.run,
+           "host": bench_host.run}
 
 
 def autotuned_configs() -> dict:
@@ -44,8 +46,9 @@ def main(argv=None) -> int:
     out_dir = args.out or default_out(args.device)
     env = environment(args.device)
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
-    env["ceilings"] = measure_ceilings(args.device)
-    print("ceilings: " + json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in env["ceilings"].items()}))
+    env["ceilings"] = measure_ceilings(args.device) if args.only != "host" else {}
+    if env["ceilings"]:
+        print("ceilings: " + json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in env["ceilings"].items()}))
     records = []
     try:
         from tqdm import tqdm
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
         if args.only and name != args.only:
             continue
         providers = args.providers.split(",") if args.providers else None
-        extra = {"copy_gbps": env["ceilings"]["copy_gbps"]} if name == "decode" else {}
+        extra = {"copy_gbps": env["ceilings"]["copy_gbps"]} if name == "decode" and env["ceilings"] else {}
         for record in tqdm(bench(args.quick, args.device, providers, **extra), desc=name, unit="point",
                            file=sys.stderr):
             records.append({**record, "device": env["device"], "torch": env["torch"], "triton": env["triton"],

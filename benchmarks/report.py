@@ -7,7 +7,7 @@ import sys
 from collections import defaultdict
 
 FIELDS = ["bench", "provider", "mode", "dtype", "B", "H", "L", "P", "D", "ms_p50", "ms_p20", "ms_p80", "tflops",
-          "kernel_ms", "kernel_tflops", "host_us", "bytes", "gbps", "kernel_gbps", "frac_of_copy_bw", "tokens_per_s", "peak_mem_mb", "device", "torch", "triton",
+          "kernel_ms", "kernel_tflops", "host_us", "host_us_p20", "host_us_p80", "launches", "syncs", "tasks", "bytes", "gbps", "kernel_gbps", "frac_of_copy_bw", "tokens_per_s", "peak_mem_mb", "device", "torch", "triton",
           "commit", "skipped"]
 SHAPE_KEYS = ("B", "H", "L", "P", "D", "dtype")
 FUSED = ("prefix_attn", "prefix_attn_torch", "peft+patch", "native")
@@ -62,6 +62,7 @@ def baseline_of(by_provider: dict):
 
 
 def summary_markdown(records, env, quick) -> str:
+    # Host records (no ms_p50) get their own table.
     measured = [r for r in records if not r.get("skipped") and r.get("ms_p50") is not None]
     lines = [f"# Benchmark results: {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, transformers {env.get('transformers', '?')}, "
@@ -92,6 +93,11 @@ def summary_markdown(records, env, quick) -> str:
                          f"{_fmt(r.get('peak_mem_mb'), 4)} | {speed} | {mem} |")
     lines += ["", "Baseline: concat_sdpa (SDPA over the batch-expanded concatenation) at op level, peft_sdpa "
               "(PEFT's prefix tuning with SDPA) end to end. Speedup = baseline ms / ms; memory = peak / baseline peak."]
+    from benchmarks.bench_host import summary_markdown as host_summary
+
+    host = host_summary(records)
+    if host:
+        lines += ["", host]
     skipped = {(r["provider"], r["skipped"]) for r in records if r.get("skipped")}
     if skipped:
         lines += ["", "Skipped providers:"] + [f"- {p}: {why}" for p, why in sorted(skipped)]

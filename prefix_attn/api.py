@@ -5,8 +5,21 @@ import torch
 
 from prefix_attn import ops
 from prefix_attn.autograd import PrefixAttnFunction
+from prefix_attn.autograd import forward as attention_forward
 from prefix_attn.backend import resolve_backend
 from prefix_attn.checks import check_attention_inputs, check_row_offsets_fit_int32, default_scale
+
+# torch.autograd.Function.apply (Python) binds default arguments and unwraps functorch wrappers on
+# every call; outside functorch transforms its C implementation does the same work without them.
+_c_apply = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
+_apply_eager = _c_apply.__get__(None, PrefixAttnFunction) if _c_apply is not None else PrefixAttnFunction.apply
+
+
+def _needs_graph(q, k, v, prefix_k, prefix_v) -> bool:
+    if not torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+        return torch.is_grad_enabled()
+    return q.requires_grad or k.requires_grad or v.requires_grad or (
+        prefix_k is not None and (prefix_k.requires_grad or prefix_v.requires_grad))
 
 
 def prefix_attn_func(
@@ -81,7 +94,12 @@ def prefix_attn_func(
         # Opaque custom ops for the compiled graph; eager calls take the cheaper autograd.Function.
         out, lse, _ = ops.attention(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
                                     bool(causal), scale, float(dropout_p), chosen)
+    elif not _needs_graph(q, k, v, prefix_k, prefix_v):
+        # Nothing to differentiate (decoding, evaluation): no autograd node to build.
+        out, lse, _ = attention_forward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
+                                        bool(causal), scale, float(dropout_p), chosen, dims)
     else:
-        out, lse = PrefixAttnFunction.apply(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
-                                            bool(causal), scale, float(dropout_p), chosen, dims)
+        apply = PrefixAttnFunction.apply if torch._C._are_functorch_transforms_active() else _apply_eager
+        out, lse = apply(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, bool(causal), scale,
+                         float(dropout_p), chosen, dims)
     return (out, lse) if return_lse else out

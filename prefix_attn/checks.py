@@ -6,6 +6,7 @@ integer tensors' values and runs where the op really executes.
 """
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -174,25 +175,63 @@ def check_triton_device(device: torch.device) -> None:
             "TRITON_INTERPRET=1 before importing prefix_attn, or use backend='torch'")
 
 
-def _graph_capturing(device: torch.device) -> bool:
+def graph_capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# Index tensors whose values were range-checked: id -> (weak reference, version counter, bound).
+_CHECKED_VALUES: dict = {}
+
+
+def version_counter(x: torch.Tensor):
+    """x._version (bumped by every in-place change), or None for an inference-mode tensor."""
+    try:
+        return x._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: it is checked every time
+        return None
+
+
+def _values_checked(x: torch.Tensor, bound: int) -> bool:
+    entry = _CHECKED_VALUES.get(id(x))
+    return entry is not None and entry[0]() is x and entry[2] == bound and entry[1] == version_counter(x) is not None
+
+
+def _mark_values_checked(x: torch.Tensor, bound: int) -> None:
+    version = version_counter(x)
+    if version is None:
+        return
+    key = id(x)
+    _CHECKED_VALUES[key] = (weakref.ref(x, lambda _ref, key=key: _CHECKED_VALUES.pop(key, None)), version, bound)
+
+
+def check_index_values(name: str, x: Optional[torch.Tensor], hi: int, what: str) -> None:
+    """ValueError unless every value of the integer tensor ``x`` lies in [0, hi].
+
+    Reads one boolean (one host sync on CUDA), once per tensor: a tensor checked before and not
+    modified in place since (its version counter) is not read again. The integrations pass the same
+    prefix_idx to every layer, so a model forward reads it once, not once per layer. Skipped while a
+    CUDA graph is captured, where reading values is not allowed (the eager warm-up that capture
+    requires checked the same tensors).
+    """
+    if x is None or x.numel() == 0 or _values_checked(x, hi) or graph_capturing(x.device):
+        return
+    lo_val, hi_val = torch.aminmax(x)
+    if bool((lo_val < 0) | (hi_val > hi)):
+        raise ValueError(f"{name} has values in [{int(lo_val)}, {int(hi_val)}], outside {what}")
+    _mark_values_checked(x, hi)
 
 
 def check_prefix_values(prefix_idx: Optional[torch.Tensor], prefix_lens: Optional[torch.Tensor],
                         dims: AttnDims) -> None:
-    """Range checks of prefix_idx and prefix_lens (reads their values: one sync on CUDA).
-
-    Skipped while a CUDA graph is being captured, where reading values is not allowed; the same
-    tensors were checked by the eager warm-up call that capture requires.
-    """
-    for name, x, hi in (("prefix_idx", prefix_idx, dims.num_tasks - 1), ("prefix_lens", prefix_lens, dims.prefix_len)):
-        if x is None or x.numel() == 0 or _graph_capturing(x.device):
-            continue
-        lo_val, hi_val = torch.aminmax(x)
-        lo_val, hi_val = int(lo_val), int(hi_val)
-        if lo_val < 0 or hi_val > hi:
-            what = f"tasks 0..{hi} of the bank" if name == "prefix_idx" else f"0..P = 0..{hi} prefix slots"
-            raise ValueError(f"{name} has values in [{lo_val}, {hi_val}], outside {what}")
+    """Range checks of prefix_idx (tasks of the bank) and prefix_lens (0..P slots); see
+    ``check_index_values``: at most one host sync per tensor, none for a tensor already checked."""
+    if prefix_idx is not None:
+        check_index_values("prefix_idx", prefix_idx, dims.num_tasks - 1,
+                           f"tasks 0..{dims.num_tasks - 1} of the bank")
+    if prefix_lens is not None:
+        check_index_values("prefix_lens", prefix_lens, dims.prefix_len,
+                           f"0..P = 0..{dims.prefix_len} prefix slots")
 
 
 def default_scale(head_dim: int, softmax_scale: Optional[float]) -> float:
@@ -201,10 +240,16 @@ def default_scale(head_dim: int, softmax_scale: Optional[float]) -> float:
 
 def check_row_offsets_fit_int32(**tensors) -> None:
     """The kernels index within one (batch, head) row in int32: check that this cannot overflow."""
+    eager = not torch.compiler.is_compiling()
     for name, x in tensors.items():
-        if x is None or x.numel() == 0:
+        if x is None:
             continue
-        span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[-3:], x.stride()[-3:]))
+        if eager and x.untyped_storage().nbytes() < 2**31:  # every offset in the storage fits: fast path
+            continue
+        (n1, n2, n3), (s1, s2, s3) = x.shape[-3:], x.stride()[-3:]
+        if n1 == 0 or n2 == 0 or n3 == 0:
+            continue
+        span = (n1 - 1) * abs(s1) + (n2 - 1) * abs(s2) + (n3 - 1) * abs(s3)
         if span >= 2**31:
             raise ValueError(f"{name} spans {span} elements within one batch entry, more than int32 offsets "
                              f"allow; split the call along the sequence")

@@ -3,6 +3,7 @@
 Tensors follow the contract (batch, seqlen, heads, head_dim) with any strides; nothing is copied.
 """
 import functools
+import weakref
 from typing import Optional
 
 import torch
@@ -13,9 +14,10 @@ from csrc_triton.common import INTERPRET, LOG2E
 from csrc_triton.decode import decode_merge_kernel, decode_prefix_kernel, decode_seq_kernel
 from csrc_triton.dropout_mask import dropout_mask_kernel
 from csrc_triton.prefix_grad import prefix_grad_partial_kernel, prefix_grad_reduce_kernel
+from prefix_attn._launch import launcher
 from prefix_attn.checks import (
     AttnDims, check_attention_inputs, check_prefix_values, check_row_offsets_fit_int32, check_triton_device,
-    default_scale,
+    default_scale, graph_capturing, version_counter,
 )
 from prefix_attn.dropout import groups_per_row, keep_scale, keep_threshold, padded_prefix
 
@@ -110,15 +112,22 @@ def _launch_common(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attenti
     mask_strides = tuple(mask.stride()) if mask is not None else (0, 0)
     sizes = (dims.heads, dims.seqlen_q, dims.seqlen_k, P, groups_per_row(P, dims.seqlen_k),
              keep_threshold(dropout_p))
-    constexprs = dict(
-        HEAD_DIM=dims.head_dim, BLOCK_D=max(16, _next_pow2(dims.head_dim)), BLOCK_P=_block_p(P),
-        HAS_PREFIX=dims.has_prefix, HAS_BANK=dims.is_bank and dims.has_prefix,
-        HAS_PREFIX_LENS=prefix_lens is not None and dims.has_prefix,
-        HAS_KEY_MASK=mask is not None, CAUSAL=bool(causal), HAS_DROPOUT=has_dropout,
-        DOT_PRECISION=_dot_precision(q.dtype),
-    )
+    constexprs = _attention_constexprs(dims.head_dim, P, dims.has_prefix, dims.is_bank,
+                                       prefix_lens is not None, mask is not None, bool(causal), has_dropout,
+                                       _dot_precision(q.dtype))
     tune = (_tune_bucket(dims.seqlen_q), _tune_bucket(dims.seqlen_k))
     return pointers, strides, mask_strides, sizes, scale, constexprs, tune
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_constexprs(head_dim, prefix_len, has_prefix, is_bank, has_lens, has_mask, causal, has_dropout,
+                          precision) -> dict:
+    """The constexprs of the attention kernels for one kind of call (one shared dict: read only)."""
+    return dict(
+        HEAD_DIM=head_dim, BLOCK_D=max(16, _next_pow2(head_dim)), BLOCK_P=_block_p(prefix_len),
+        HAS_PREFIX=has_prefix, HAS_BANK=is_bank and has_prefix, HAS_PREFIX_LENS=has_lens and has_prefix,
+        HAS_KEY_MASK=has_mask, CAUSAL=causal, HAS_DROPOUT=has_dropout, DOT_PRECISION=precision,
+    )
 
 
 def validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p,
@@ -160,10 +169,9 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, atte
         q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
         dropout_p, rng_state, dims)
     grid = lambda meta: (_cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    prefix_attn_fwd_kernel[grid](
+    launcher(prefix_attn_fwd_kernel)(grid, (
         *pointers, out, lse, *strides, *out.stride(), *mask_strides, *sizes,
-        scale * LOG2E, keep_scale(dropout_p), *tune, **cx,
-    )
+        scale * LOG2E, keep_scale(dropout_p), *tune), cx)
     return out, lse
 
 
@@ -175,6 +183,31 @@ def _task_pieces(dims: AttnDims, prefix_idx, device, units_per_row: int, units_p
     n_units = dims.batch * units_per_row
     if not dims.is_bank:
         return _cdiv(n_units, units_per_piece), None
+    # Every layer of a forward passes the same prefix_idx: its tables are built once (per plan).
+    plan = (dims.num_tasks, dims.batch, units_per_row, units_per_piece)
+    entry = _TASK_TABLES.get(id(prefix_idx))
+    capturing = graph_capturing(prefix_idx.device)  # a graph must rebuild them from prefix_idx
+    if entry is not None and entry[0]() is prefix_idx and entry[1] == version_counter(prefix_idx) and not capturing:
+        found = entry[2].get(plan)
+        if found is not None:
+            return found
+    result = _build_task_pieces(dims, prefix_idx, device, units_per_row, units_per_piece)
+    version = version_counter(prefix_idx)
+    if version is not None and not capturing:
+        if entry is None or entry[0]() is not prefix_idx or entry[1] != version:
+            key = id(prefix_idx)
+            entry = _TASK_TABLES[key] = (
+                weakref.ref(prefix_idx, lambda _ref, key=key: _TASK_TABLES.pop(key, None)), version, {})
+        entry[2][plan] = result
+    return result
+
+
+# prefix_idx tensor id -> (weak reference, version counter, {plan: (n_pieces, tables)}).
+_TASK_TABLES: dict = {}
+
+
+def _build_task_pieces(dims: AttnDims, prefix_idx, device, units_per_row: int, units_per_piece: int):
+    n_units = dims.batch * units_per_row
     T = dims.num_tasks
     idx = prefix_idx.to(torch.int64)
     row_order = torch.argsort(idx, stable=True)
@@ -222,25 +255,25 @@ def decode_forward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attenti
     part_lse = torch.empty((n_parts, B, H, Lq), dtype=torch.float32, device=device)
     if n_psplits:
         tables = tables if tables is not None else (q,) * 4
-        decode_prefix_kernel[(n_tiles, n_psplits, H)](
+        launcher(decode_prefix_kernel)((n_tiles, n_psplits, H), (
             q, prefix_k, prefix_v, prefix_lens if prefix_lens is not None else q, *tables, part_out, part_lse,
             *q.stride(), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
-            B, H, Lq, P, B * Lq, slots_per_split, scale * LOG2E,
+            B, H, Lq, P, B * Lq, slots_per_split, scale * LOG2E), dict(
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=DECODE_BLOCK_R, BLOCK_P=DECODE_BLOCK_N,
             HAS_BANK=dims.is_bank, HAS_PREFIX_LENS=prefix_lens is not None, DOT_PRECISION=precision,
-        )
+        ))
     mask = _mask_arg(attention_mask)
-    decode_seq_kernel[(n_ssplits, B * H)](
+    launcher(decode_seq_kernel)((n_ssplits, B * H), (
         q, k, v, mask if mask is not None else q, part_out, part_lse,
         *q.stride(), *k.stride(), *v.stride(), *(mask.stride() if mask is not None else (0, 0)),
-        B, H, Lq, Lk, keys_per_split, n_psplits, scale * LOG2E,
+        B, H, Lq, Lk, keys_per_split, n_psplits, scale * LOG2E), dict(
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=DECODE_BLOCK_M, BLOCK_N=DECODE_BLOCK_N,
         HAS_KEY_MASK=mask is not None, CAUSAL=bool(causal), DOT_PRECISION=precision,
-    )
-    decode_merge_kernel[(B * H,)](
-        part_out, part_lse, out, lse, *out.stride(), B, H, Lq, n_parts,
+    ))
+    launcher(decode_merge_kernel)((B * H,), (
+        part_out, part_lse, out, lse, *out.stride(), B, H, Lq, n_parts), dict(
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=DECODE_BLOCK_M,
-    )
+    ))
     return out, lse
 
 
@@ -282,6 +315,7 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix
     dv = torch.empty((B, Lk, H, D), dtype=v.dtype, device=q.device)
     dpk = dpv = None
     if prefix_k is not None:
+        # Two buffers: the custom op's outputs must not alias each other.
         dpk = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=q.device)
         dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=q.device)
     if dq.numel() == 0 or Lk == 0:  # nothing attends: every gradient is zero (or empty)
@@ -294,24 +328,21 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix
         # Autograd hands over the gradient of lse.sum() as a stride-0 expansion; the preprocess
         # kernel indexes lse rows densely, and this tensor is only B * H * Lq floats.
         dlse = dlse.float().contiguous()
-    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    lse_log2 = torch.empty_like(delta)
+    delta, lse_log2 = torch.empty((2, B, H, Lq), dtype=torch.float32, device=q.device).unbind(0)
     cx_d = dict(HEAD_DIM=D, BLOCK_D=max(16, _next_pow2(D)))
-    bwd_preprocess_kernel[(_cdiv(Lq, PREPROCESS_BLOCK_M), B * H)](
+    launcher(bwd_preprocess_kernel)((_cdiv(Lq, PREPROCESS_BLOCK_M), B * H), (
         out, dout, lse, dlse if dlse is not None else lse, delta, lse_log2,
-        *out.stride(), *dout.stride(), H, Lq, BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None, **cx_d,
-    )
+        *out.stride(), *dout.stride(), H, Lq), dict(BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None, **cx_d))
 
     pointers, strides, mask_strides, sizes, scale, cx, tune = _launch_common(
         q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
         dropout_p, rng_state, dims)
     dropout_scale = keep_scale(dropout_p)
     grid = lambda meta: (max(_cdiv(Lk, meta["BLOCK_N1"]), _cdiv(Lq, meta["BLOCK_M2"])), B * H)  # noqa: E731
-    bwd_seq_kernel[grid](
+    launcher(bwd_seq_kernel)(grid, (
         *pointers, dout, lse_log2, delta, dq, dk, dv,
         *strides, *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *mask_strides, *sizes,
-        scale * LOG2E, scale, dropout_scale, *tune, **cx,
-    )
+        scale * LOG2E, scale, dropout_scale, *tune), cx)
 
     if dims.has_prefix:
         pk, pv = prefix_k, prefix_v
@@ -320,22 +351,20 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix
             dims, prefix_idx, q.device, PREFIX_GRAD_BLOCK_M, block_p, items_per_piece)
         n_pblocks = _cdiv(dims.prefix_len, block_p)
         p_pad = n_pblocks * block_p
-        ws_k = torch.empty((n_pieces, H, p_pad, D), dtype=torch.float32, device=q.device)
-        ws_v = torch.empty_like(ws_k)
+        ws_k, ws_v = torch.empty((2, n_pieces, H, p_pad, D), dtype=torch.float32, device=q.device).unbind(0)
         tables = tables if tables is not None else (q,) * 4
         cx_p = dict(HEAD_DIM=D, BLOCK_D=cx["BLOCK_D"], BLOCK_P=block_p, HAS_BANK=cx["HAS_BANK"])
-        prefix_grad_partial_kernel[(n_pieces, n_pblocks, H)](
+        launcher(prefix_grad_partial_kernel)((n_pieces, n_pblocks, H), (
             q, pk, pv, dout, lse_log2, delta, pointers[6], pointers[8], *tables, ws_k, ws_v,
             *q.stride(), *_prefix_strides(pk), *_prefix_strides(pv), *dout.stride(),
             H, Lq, dims.prefix_len, p_pad, n_qblocks, ipp, B * n_qblocks, sizes[4], sizes[5],
-            scale * LOG2E, scale, dropout_scale,
+            scale * LOG2E, scale, dropout_scale), dict(
             BLOCK_M=PREFIX_GRAD_BLOCK_M, HAS_PREFIX_LENS=cx["HAS_PREFIX_LENS"], HAS_DROPOUT=cx["HAS_DROPOUT"],
             DOT_PRECISION=cx["DOT_PRECISION"], **cx_p,
-        )
-        prefix_grad_reduce_kernel[(dims.num_tasks, n_pblocks, H)](
+        ))
+        launcher(prefix_grad_reduce_kernel)((dims.num_tasks, n_pblocks, H), (
             ws_k, ws_v, tables[2], dpk, dpv, *_prefix_strides(dpk), *_prefix_strides(dpv),
-            H, dims.prefix_len, p_pad, n_pieces, **cx_p,
-        )
+            H, dims.prefix_len, p_pad, n_pieces), cx_p)
     return dq, dk, dv, dpk, dpv
 
 

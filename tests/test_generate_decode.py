@@ -213,9 +213,10 @@ def test_static_cache_mask_function_contract():
         fn(2, 1, 8, q_offset=torch.tensor(4), attention_mask=torch.ones(2, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match="positions filled so far"):  # ends between the tokens and the cache's end
         fn(2, 3, 8, q_offset=0, attention_mask=torch.ones(2, 5, dtype=torch.bool))
-    # without a static cache nothing changed: the padding mask, or None when nothing is padded
+    # without a static cache: the padding mask as given (None only when there is none)
     assert torch.equal(fn(2, 1, 4, q_offset=3, attention_mask=mask), mask)
-    assert fn(2, 1, 4, q_offset=3, attention_mask=torch.ones(2, 4, dtype=torch.bool)) is None
+    ones = torch.ones(2, 4, dtype=torch.bool)  # handed over unread (no host sync), not turned into None
+    assert torch.equal(fn(2, 1, 4, q_offset=3, attention_mask=ones), ones)
     assert fn(2, 4, 4, q_offset=0, attention_mask=None) is None
 
 

@@ -14,6 +14,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2PreTrainedModel
 
 import prefix_attn
 from prefix_attn import apply_prefix_attn_to_gpt2, revert_prefix_attn_to_gpt2
+from prefix_attn.host_syncs import HostSyncCounter
 from prefix_attn.integrations import gpt2 as gpt2_integration
 from prefix_attn.integrations import _versions as versions
 from prefix_attn.integrations._versions import check_transformers_version
@@ -164,7 +165,9 @@ def test_mask_function_registration_is_what_keeps_causality(monkeypatch):
 
 def test_mask_function_contract():
     mask = torch.ones(2, 5, dtype=torch.bool)
-    assert gpt2_integration.prefix_attn_mask(2, 5, 5, attention_mask=mask) is None
+    with HostSyncCounter() as syncs:  # a mask that pads nothing is handed over unread: no host sync
+        assert torch.equal(gpt2_integration.prefix_attn_mask(2, 5, 5, attention_mask=mask), mask)
+    assert syncs.count == 0
     mask[0, 0] = False
     assert torch.equal(gpt2_integration.prefix_attn_mask(2, 1, 5, attention_mask=mask), mask)
     assert gpt2_integration.prefix_attn_mask(2, 5, 5, attention_mask=None) is None

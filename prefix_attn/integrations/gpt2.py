@@ -198,8 +198,9 @@ def prefix_attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
         attention_mask: None or the 2-D (B, n) bool padding mask.
         kwargs: the rest transformers passes (device, dtype, config, ...); ``device`` is used.
     Returns:
-        Without a static cache, the (B, kv_length) bool padding mask, or None when nothing is padded;
-        causality is applied by the kernel. With a static cache, the mask of ``static_cache_mask``.
+        Without a static cache, the (B, kv_length) bool padding mask (None when transformers gives
+        none; a mask that pads nothing is handed over as it is, without reading it, so no host
+        sync); causality is applied by the kernel. With a static cache, the mask of ``static_cache_mask``.
     Raises:
         ValueError for masks it cannot express as causal + padding (packed sequences, added mask
         functions), for a mask shorter than the keys of a cache that is not a StaticCache, and see
@@ -224,8 +225,9 @@ def prefix_attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
             f"attn_implementation={ATTN_IMPLEMENTATION!r} needs a mask over every cached key, or, with transformers' "
             "StaticCache, one over the positions filled so far as generate() passes it (in static caches mask column "
             "j is cache slot j); other static caches are not supported")
-    # As transformers' flash-attention mask does: no mask at all when nothing is padded.
-    return None if bool(attention_mask.all()) else attention_mask
+    # Handed over as it is, also when nothing is padded: finding that out (attention_mask.all()) would
+    # read the device once per forward, a host sync; the kernels read the mask at little cost.
+    return attention_mask
 
 
 def register_prefix_attn() -> str:

@@ -67,8 +67,9 @@ def peft_prefix_kv(peft_model) -> tuple:
     if dtype is not None:
         flat = flat.to(dtype)
     n_layer, heads = config.num_layers, config.num_attention_heads
-    kv = flat.view(n_prefix, n_layer, 2, heads, config.token_dim // heads)
-    return tuple((kv[:, layer, 0], kv[:, layer, 1]) for layer in range(n_layer))
+    # One autograd node (an unbind) for all layers' views, not a select per layer and per k/v.
+    per_layer = flat.view(n_prefix, 2 * n_layer, heads, config.token_dim // heads).unbind(1)
+    return tuple(zip(per_layer[0::2], per_layer[1::2]))
 
 
 def _drop_token_type_ids(kwargs: dict) -> None:
@@ -83,7 +84,8 @@ def _forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labe
     """PeftModelForCausalLM.forward with the prefix handed to the fused op (see the module docstring).
 
     Differences from PEFT: the cache (returned with use_cache=True) holds L positions, not P + L; a
-    ``past_key_values`` the caller passes (one this forward returned) is used, where PEFT replaces it.
+    ``past_key_values`` the caller passes (one this forward returned) is used, where PEFT replaces it;
+    in training mode no cache is built unless use_cache=True is passed.
     """
     config = self.active_peft_config
     if not _is_prefix_tuning(config):
@@ -100,6 +102,8 @@ def _forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labe
         config.num_virtual_tokens, base.config.n_positions, seq_len, cache_argument(kwargs),
         kwargs.get("position_ids"), device)
     kwargs[PREFIX_KV_KWARG] = peft_prefix_kv(self)
+    if base.training and kwargs.get("use_cache") is None:
+        kwargs["use_cache"] = False  # a training forward builds no cache (one cat per layer) unless asked
     return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                            labels=labels, output_attentions=output_attentions,
                            output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers.models.gpt2.modeling_gpt2 import GPT2PreTrainedModel
 
+from prefix_attn.checks import check_index_values
 from prefix_attn.integrations._prefix_params import PrefixKV, PrefixMLP
 from prefix_attn.integrations._routing import (
     PREFIX_IDX_KWARG, PREFIX_KV_KWARG, add_prefix_to_model_inputs, cache_argument, input_length,
@@ -140,13 +141,14 @@ class PrefixTuning(nn.Module):
         """Tuple over layers of (k, v), each (P, H, D) for one task or (T, P, H, D), in the model's dtype.
 
         Views of one (T, n_layer, 2, P, H, D) tensor (cast from float32 only if the model is not float32);
-        differentiable into the prefix parameters.
+        differentiable into the prefix parameters through one autograd node (an unbind, whose backward
+        stacks the layers' gradients once), not four selects per layer.
         """
         kv = self.prefix_encoder().to(self.model.dtype)
         if self.num_tasks == 1:
             kv = kv[0]
-        return tuple((kv.select(-5, layer).select(-4, 0), kv.select(-5, layer).select(-4, 1))
-                     for layer in range(kv.shape[-5]))
+        per_layer = kv.flatten(-5, -4).unbind(-4)  # entry 2l: layer l's keys, 2l + 1: its values
+        return tuple(zip(per_layer[0::2], per_layer[1::2]))
 
     def merge(self) -> "PrefixTuning":
         """Replace the MLP reparameterisation by the keys and values it produces (as the paper does after
@@ -170,10 +172,11 @@ class PrefixTuning(nn.Module):
                              f"got {prefix_idx!r}")
         if prefix_idx.shape != (batch,):
             raise ValueError(f"prefix_idx must have shape (batch,) = ({batch},), got {tuple(prefix_idx.shape)}")
-        if bool(((prefix_idx < 0) | (prefix_idx >= self.num_tasks)).any()):
-            raise ValueError(f"prefix_idx values must be task indices in [0, {self.num_tasks}), got "
-                             f"{prefix_idx.tolist()}")
-        return None if self.num_tasks == 1 else prefix_idx.to(device=device, dtype=torch.long)
+        prefix_idx = prefix_idx.to(device=device, dtype=torch.long)
+        # One read per forward (and per new tensor): the op's own check of the same tensor is then free.
+        check_index_values("prefix_idx", prefix_idx, self.num_tasks - 1,
+                           f"the task indices in [0, {self.num_tasks})")
+        return None if self.num_tasks == 1 else prefix_idx
 
     # ---- running the model ---------------------------------------------------------------------------
 
@@ -188,7 +191,8 @@ class PrefixTuning(nn.Module):
             prefix_idx: (B,) task of each row, or an int for all; default task 0.
             kwargs: the wrapped model's other forward arguments (position_ids are shifted by P).
         Returns:
-            the wrapped model's output (its cache, with use_cache, holds only the sequence's positions).
+            the wrapped model's output (its cache, with use_cache, holds only the sequence's positions;
+            in training mode no cache is built unless use_cache=True is passed).
         Raises:
             ValueError for a bad prefix_idx or when P + past + L exceeds n_positions.
         """
@@ -203,6 +207,8 @@ class PrefixTuning(nn.Module):
             kwargs["labels"] = labels
         if prefix_idx is not None:
             kwargs[PREFIX_IDX_KWARG] = prefix_idx
+        if self.model.training and kwargs.get("use_cache") is None:
+            kwargs["use_cache"] = False  # a training forward builds no cache (one cat per layer) unless asked
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **{PREFIX_KV_KWARG: self.prefix_kv()},
                           **kwargs)
 

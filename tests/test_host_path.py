@@ -1,0 +1,223 @@
+"""The host path: the sync counter, the host benchmark (fake Triton driver) and the launch counts."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from prefix_attn.host_syncs import HostSyncCounter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_sync_counter_counts_value_reads():
+    x = torch.arange(6)
+    with HostSyncCounter() as syncs:
+        y = (x * 2).sum()  # no read
+    assert syncs.count == 0
+    with HostSyncCounter() as syncs:
+        int(y)
+        bool(x.any())
+        y.item()
+        float(x.float().mean())
+    assert syncs.count == 4
+    assert all("test_host_path.py" in s for s in syncs.sources), syncs.sources
+
+
+def test_sync_counter_ignores_host_to_host_copies():
+    with HostSyncCounter() as syncs:
+        torch.ones(3).to(torch.float64).cpu().clone()
+    assert syncs.count == 0
+
+
+@pytest.fixture(scope="module")
+def host_records(tmp_path_factory):
+    """One quick host-benchmark run in its own process: without TRITON_INTERPRET, with the fake
+    driver (it compiles the kernels for sm_90, a minute the first time on a 2-core CPU)."""
+    out = tmp_path_factory.mktemp("host")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys; from benchmarks import bench_host; "
+            "recs = list(bench_host.run(True, 'cpu', calls=3, repeats=2, points=bench_host.shapes(False))); "
+            f"json.dump(recs, open({str(out / 'r.json')!r}, 'w'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.load(open(out / "r.json"))
+
+
+def test_host_benchmark_records(host_records):
+    got = {(r["provider"], r["mode"], r["tasks"]) for r in host_records}
+    for tasks in (1, 4):
+        for provider in ("prefix_attn", "sdpa"):
+            for mode in ("fwd", "bwd", "decode"):
+                assert (provider, mode, tasks) in got
+    for r in host_records:
+        assert r["bench"] == "host" and r["host_us"] > 0 and "fake driver" in r["label"]
+        assert r["host_us_p20"] <= r["host_us_p80"]
+
+
+def test_host_benchmark_launch_and_sync_counts(host_records):
+    ours = {(r["mode"], r["tasks"]): r for r in host_records if r["provider"] == "prefix_attn"}
+    assert ours[("fwd", 1)]["launches"] == 1
+    assert ours[("fwd", 4)]["launches"] == 1
+    for tasks in (1, 4):
+        assert ours[("bwd", tasks)]["launches"] <= 4
+        assert ours[("decode", tasks)]["launches"] <= 3
+    for mode in ("fwd", "bwd", "decode"):
+        assert ours[(mode, 1)]["syncs"] == 0, mode
+        assert ours[(mode, 4)]["syncs"] <= 1, mode  # a bank: prefix_idx is read once, on its first call
+
+
+def test_direct_launches_match_triton_dispatch():
+    """Under the fake driver (real Triton launch path, C launch recorded): the second call of each
+    mode, launched directly from the kept compiled kernels, hands the C launcher the same grids and
+    arguments as the first call, which went through kernel[grid](...)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "tests.host_launch_check"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results.pop("device_handles") == {"0": [1], "1": [2]}  # each device its own loaded kernel
+    assert set(results) == {"fwd-1", "bwd-1", "decode-1", "fwd-4", "bwd-4", "decode-4"}
+    for name, r in results.items():
+        assert r["launches"] >= 1 and r["same"], (name, r)
+        assert r["cached"] >= r["launches"], (name, r)
+
+
+# ---- host syncs per step (counted on CPU: every value read a CUDA run would wait for) ----------------
+
+def _tiny_gpt2(n_layer, vocab=100):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, n_positions=64, vocab_size=vocab, attn_pdrop=0.1,
+                        resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def _padded_batch(batch=4, length=8, vocab=100):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :2] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_op_with_a_bank_syncs_at_most_once(backend):
+    from prefix_attn import prefix_attn_func
+
+    B, L, H, D, T, P = 3, 20, 2, 16, 3, 5
+    q, k, v = (torch.randn(B, L, H, D, requires_grad=True) for _ in range(3))
+    pk, pv = (torch.randn(T, P, H, D, requires_grad=True) for _ in range(2))
+    idx = torch.tensor([2, 0, 2])
+    with HostSyncCounter() as syncs:
+        out = prefix_attn_func(q, k, v, pk, pv, prefix_idx=idx, dropout_p=0.1, backend=backend)
+        out.sum().backward()
+    assert syncs.count <= 1, syncs.sources
+    with HostSyncCounter() as syncs:  # the same (unmodified) prefix_idx again: already checked
+        prefix_attn_func(q, k, v, pk, pv, prefix_idx=idx, backend=backend).sum().backward()
+    assert syncs.count == 0, syncs.sources
+
+
+@pytest.mark.parametrize("n_layer", [2, 4])
+def test_native_mixed_task_training_step_syncs_at_most_once(n_layer):
+    from prefix_attn import PrefixTuning
+
+    tuned = PrefixTuning(_tiny_gpt2(n_layer), num_virtual_tokens=4, num_tasks=2, projection_dim=16).train()
+    ids, mask = _padded_batch()
+    for _ in range(2):  # the second step is the steady state
+        with HostSyncCounter() as syncs:
+            loss = tuned(ids, attention_mask=mask, labels=ids, prefix_idx=torch.tensor([0, 1, 1, 0])).loss
+            loss.backward()
+        assert syncs.count <= 1, syncs.sources
+
+
+def test_peft_route_training_step_does_not_sync():
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from prefix_attn import apply_prefix_attn_to_peft
+
+    model = get_peft_model(_tiny_gpt2(2), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    model = apply_prefix_attn_to_peft(model).train()
+    ids, mask = _padded_batch()
+    for _ in range(2):
+        with HostSyncCounter() as syncs:
+            model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        assert syncs.count == 0, syncs.sources
+
+
+@pytest.mark.parametrize("n_layer", [2, 4])
+def test_native_decode_step_syncs_at_most_once(n_layer):
+    from prefix_attn import PrefixTuning
+
+    tuned = PrefixTuning(_tiny_gpt2(n_layer), num_virtual_tokens=4, num_tasks=2).eval()
+    ids, mask = _padded_batch()
+    idx = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        out = tuned(ids, attention_mask=mask, prefix_idx=idx, use_cache=True)
+        step_mask = torch.cat([mask, torch.ones(4, 1, dtype=mask.dtype)], 1)
+        with HostSyncCounter() as syncs:
+            tuned(ids[:, -1:], attention_mask=step_mask, prefix_idx=idx, past_key_values=out.past_key_values,
+                  use_cache=True)
+    assert syncs.count <= 1, syncs.sources
+
+
+def test_bad_prefix_idx_still_raises_every_call():
+    """The once-per-tensor check never lets a bad value through: new tensors and in-place changes
+    are checked again."""
+    from prefix_attn import prefix_attn_func
+
+    q = k = v = torch.randn(2, 4, 2, 16)
+    pk = pv = torch.randn(3, 2, 2, 16)
+    idx = torch.tensor([0, 2])
+    prefix_attn_func(q, k, v, pk, pv, prefix_idx=idx, backend="torch")
+    idx[1] = 3  # in place: the version counter moves, the check runs again
+    with pytest.raises(ValueError, match="prefix_idx"):
+        prefix_attn_func(q, k, v, pk, pv, prefix_idx=idx, backend="torch")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="prefix_idx"):
+            prefix_attn_func(q, k, v, pk, pv, prefix_idx=torch.tensor([-1, 0]), backend="torch")
+
+
+def test_training_forwards_build_no_cache():
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from prefix_attn import PrefixTuning, apply_prefix_attn_to_peft
+
+    ids, mask = _padded_batch()
+    tuned = PrefixTuning(_tiny_gpt2(2), num_virtual_tokens=4).train()
+    peft_model = apply_prefix_attn_to_peft(
+        get_peft_model(_tiny_gpt2(2), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))).train()
+    for model in (tuned, peft_model):
+        assert model(input_ids=ids, attention_mask=mask, labels=ids).past_key_values is None
+        assert model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values is not None
+        model.eval()
+        assert model(input_ids=ids, attention_mask=mask).past_key_values is not None  # eval: as before
+
+
+def test_per_layer_prefix_is_one_autograd_node():
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from prefix_attn import PrefixTuning
+    from prefix_attn.integrations.peft import peft_prefix_kv
+
+    for num_tasks in (1, 3):
+        prefix = PrefixTuning(_tiny_gpt2(3), num_virtual_tokens=4, num_tasks=num_tasks, projection_dim=8).prefix_kv()
+        assert len(prefix) == 3
+        assert len({id(t.grad_fn) for kv in prefix for t in kv}) == 1
+    peft_model = get_peft_model(_tiny_gpt2(3), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    prefix = peft_prefix_kv(peft_model)
+    assert len(prefix) == 3 and len({id(t.grad_fn) for kv in prefix for t in kv}) == 1
+
+
+def test_int32_span_check_fast_path_keeps_the_check():
+    from prefix_attn.checks import check_row_offsets_fit_int32
+
+    small = torch.empty(2, 8, 2, 16)
+    check_row_offsets_fit_int32(q=small, k=small.transpose(1, 2))
+    wide = torch.empty_strided((1, 2, 2, 16), (0, 2**31, 16, 1), device="meta")  # no memory behind it
+    with pytest.raises(ValueError, match="k spans"):
+        check_row_offsets_fit_int32(q=small, k=wide)
