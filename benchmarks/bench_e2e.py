@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from benchmarks.measure import on_gpu
+from benchmarks.measure import on_gpu, peak_memory_mb
 
 ROUTES = ("peft_sdpa", "peft+patch", "native", "prompt_tuning")
 
@@ -97,8 +97,11 @@ def _median_ms(fn, device, reps: int) -> tuple[float, float, float]:
 
 
 def _peak_mb(fn, device) -> float:
+    """GPU: the whole process's peak allocation during fn (weights included, as committed runs record
+    it). CPU: the peak of tensor storages fn allocates and holds (activations, gradients, caches, the
+    expanded prefix), counted by a dispatch mode."""
     if not on_gpu(device):
-        return float("nan")
+        return peak_memory_mb(fn, device)
     _sync(device)
     torch.cuda.reset_peak_memory_stats()
     fn()
