@@ -20,9 +20,11 @@ cache key from ``str(options)``). ``DirectLauncher`` does that work once per spe
 
 Under Triton's interpreter (TRITON_INTERPRET=1) there is no compiled kernel: every call is a
 plain ``kernel[grid](...)``. A launch hook (a profiler such as proton) also sends calls through
-Triton, so that the hook sees them.
+Triton, so that the hook sees them. ``PREFIX_ATTN_DIRECT_LAUNCH=0`` (read at import) sends every
+call through Triton's own dispatch: the same kernels and results, at Triton's host cost.
 """
 import operator
+import os
 from typing import Callable
 
 import torch
@@ -35,6 +37,7 @@ try:
 except ImportError:  # Triton < 3.4 has no knobs: no launch hooks to honour either
     _knobs = None
 
+DIRECT_LAUNCH = os.environ.get("PREFIX_ATTN_DIRECT_LAUNCH", "1") != "0"
 _INT32_MIN, _INT32_MAX = -2**31, 2**31 - 1
 _MAX_EXACT_KEYS = 4096
 
@@ -132,7 +135,7 @@ class DirectLauncher:
         if common.INTERPRET:
             self.kernel[grid](*args, **constexprs)
             return
-        if launch_hooks_set():
+        if not DIRECT_LAUNCH or launch_hooks_set():
             self.kernel[grid](*args, **constexprs)
             return
         # Level 1: the exact integer values (strides, sizes), each tensor's dtype and alignment, read

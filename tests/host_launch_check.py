@@ -42,6 +42,25 @@ def main():
                 want = [_normalise(a) for a in through_triton]
                 same = want == [_normalise(a) for a in direct] == [_normalise(a) for a in direct_exact]
                 results[f"{mode}-{s.tasks}"] = dict(launches=len(direct), same=same, cached=cached)
+        # PREFIX_ATTN_DIRECT_LAUNCH=0: every call through Triton's dispatch, the same launches, nothing kept.
+        s = bench_host.shapes(quick=True)[0]
+        fwd = bench_host._closures("prefix_attn", s, bench_host._inputs(s, torch.bfloat16, "cpu", True), None)["fwd"]
+        for launcher in _launch._LAUNCHERS.values():
+            launcher.clear()
+        fake_driver.LAUNCHES.recorded = direct = []
+        fwd()
+        fwd()
+        _launch.DIRECT_LAUNCH = False
+        for launcher in _launch._LAUNCHERS.values():
+            launcher.clear()
+        fake_driver.LAUNCHES.recorded = through_triton = []
+        fwd()
+        fwd()
+        fake_driver.LAUNCHES.recorded = None
+        _launch.DIRECT_LAUNCH = True
+        results["switch_off"] = dict(  # the steady-state launch (the first may autotune through Triton)
+            same=_normalise(direct[-1]) == _normalise(through_triton[-1]),
+            cached=sum(len(launcher._kernels) for launcher in _launch._LAUNCHERS.values()))
         # A compiled kernel is loaded per device: after a switch the launches use that device's handle.
         s = bench_host.shapes(quick=True)[0]
         fwd = bench_host._closures("prefix_attn", s, bench_host._inputs(s, torch.bfloat16, "cpu", True), None)["fwd"]

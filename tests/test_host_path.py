@@ -80,6 +80,7 @@ def test_direct_launches_match_triton_dispatch():
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results.pop("device_handles") == {"0": [1], "1": [2]}  # each device its own loaded kernel
+    assert results.pop("switch_off") == {"same": True, "cached": 0}  # PREFIX_ATTN_DIRECT_LAUNCH=0
     assert set(results) == {"fwd-1", "bwd-1", "decode-1", "fwd-4", "bwd-4", "decode-4"}
     for name, r in results.items():
         assert r["launches"] >= 1 and r["same"], (name, r)
