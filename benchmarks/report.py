@@ -74,25 +74,26 @@ def summary_markdown(records, env, quick) -> str:
                   f"TFLOP/s, copy {_sig(ceil['copy_gbps'])} GB/s.", ""]
     if env.get("interpreter"):
         lines += ["**Interpreter run: not performance figures.**", ""]
-    lines += [_timing_note(env), "",
-              "| bench | mode | shape (B,H,L,P,D,dtype) | provider | ms p50 [p20, p80] | TFLOP/s | kernel ms "
-              "| kernel TFLOP/s | peak MiB | speedup vs baseline | memory vs baseline |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (bench, mode, shape), group in sorted(_group(measured).items(), key=lambda kv: str(kv[0])):
-        by_provider = {r["provider"]: r for r in group}
-        base = baseline_of(by_provider)
-        for r in group:
-            speed = mem = "-"
-            if base and r is not base:
-                speed = f"{base['ms_p50'] / r['ms_p50']:.2f}x"
-                ratio = _ratio(r.get("peak_mem_mb"), base.get("peak_mem_mb"))
-                mem = "-" if ratio is None else f"{ratio:.2f}x"
-            lines.append(f"| {bench} | {mode} | {','.join(map(str, shape))} | {r['provider']} | "
-                         f"{_fmt(r['ms_p50'])} [{_fmt(r['ms_p20'])}, {_fmt(r['ms_p80'])}] | "
-                         f"{_fmt(r.get('tflops'))} | {_fmt(r.get('kernel_ms'))} | {_fmt(r.get('kernel_tflops'))} | "
-                         f"{_fmt(r.get('peak_mem_mb'), 4)} | {speed} | {mem} |")
-    lines += ["", "Baseline: concat_sdpa (SDPA over the batch-expanded concatenation) at op level, peft_sdpa "
-              "(PEFT's prefix tuning with SDPA) end to end. Speedup = baseline ms / ms; memory = peak / baseline peak."]
+    if measured:  # a host-only run (--only host) has no timed sweeps
+        lines += [_timing_note(env), "",
+                  "| bench | mode | shape (B,H,L,P,D,dtype) | provider | ms p50 [p20, p80] | TFLOP/s | kernel ms "
+                  "| kernel TFLOP/s | peak MiB | speedup vs baseline | memory vs baseline |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for (bench, mode, shape), group in sorted(_group(measured).items(), key=lambda kv: str(kv[0])):
+            by_provider = {r["provider"]: r for r in group}
+            base = baseline_of(by_provider)
+            for r in group:
+                speed = mem = "-"
+                if base and r is not base:
+                    speed = f"{base['ms_p50'] / r['ms_p50']:.2f}x"
+                    ratio = _ratio(r.get("peak_mem_mb"), base.get("peak_mem_mb"))
+                    mem = "-" if ratio is None else f"{ratio:.2f}x"
+                lines.append(f"| {bench} | {mode} | {','.join(map(str, shape))} | {r['provider']} | "
+                             f"{_fmt(r['ms_p50'])} [{_fmt(r['ms_p20'])}, {_fmt(r['ms_p80'])}] | "
+                             f"{_fmt(r.get('tflops'))} | {_fmt(r.get('kernel_ms'))} | {_fmt(r.get('kernel_tflops'))} | "
+                             f"{_fmt(r.get('peak_mem_mb'), 4)} | {speed} | {mem} |")
+        lines += ["", "Baseline: concat_sdpa (SDPA over the batch-expanded concatenation) at op level, peft_sdpa "
+                  "(PEFT's prefix tuning with SDPA) end to end. Speedup = baseline ms / ms; memory = peak / baseline peak."]
     from benchmarks.bench_host import summary_markdown as host_summary
 
     host = host_summary(records)
