@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from csrc_triton.common import (
-    LOG2E_C, device_capability, dropout_keep_tile, key_stage_bounds, launch_arg, locate_prefix, pick_configs,
-    tuning_prune,
+    LOG2E_C, device_capability, dropout_keep_tile, key_stage_bounds, key_visibility, launch_arg, locate_prefix,
+    pick_configs, tuning_prune,
 )
 
 
@@ -119,14 +119,8 @@ def accumulate_dq(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse2[:, None])
         if CHECK_BOUNDS or CAUSAL or HAS_KEY_MASK:
-            visible = tl.full((1, BLOCK_N), 1, tl.int1)
-            if CHECK_BOUNDS:
-                visible = visible & (cols[None, :] < n_keys)
-            if HAS_KEY_MASK:
-                key_ok = tl.load(key_valid_ptr + cols * stride_valid_n, mask=cols < n_keys, other=0)
-                visible = visible & (key_ok[None, :] != 0)
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= query_pos[:, None])
+            visible = key_visibility(cols, n_keys, query_pos, key_valid_ptr, stride_valid_n, BLOCK_N,
+                                     CHECK_BOUNDS, HAS_KEY_MASK, CAUSAL)
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:

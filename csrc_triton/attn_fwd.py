@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 from csrc_triton.common import (
-    LN2_C, dropout_keep_tile, key_stage_bounds, launch_arg, locate_prefix, online_softmax_step, pick_configs,
-    tuning_prune,
+    LN2_C, dropout_keep_tile, key_stage_bounds, key_visibility, launch_arg, locate_prefix, online_softmax_step,
+    pick_configs, tuning_prune,
 )
 
 
@@ -42,14 +42,8 @@ def attend_key_range(
         k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=load_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if CHECK_BOUNDS or CAUSAL or HAS_KEY_MASK:
-            visible = tl.full((1, BLOCK_N), 1, tl.int1)
-            if CHECK_BOUNDS:
-                visible = visible & (cols[None, :] < n_keys)
-            if HAS_KEY_MASK:
-                key_ok = tl.load(key_valid_ptr + cols * stride_valid_n, mask=cols < n_keys, other=0)
-                visible = visible & (key_ok[None, :] != 0)
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= query_pos[:, None])
+            visible = key_visibility(cols, n_keys, query_pos, key_valid_ptr, stride_valid_n, BLOCK_N,
+                                     CHECK_BOUNDS, HAS_KEY_MASK, CAUSAL)
             qk = tl.where(visible, qk, float("-inf"))
         p, alpha, l_i, m_new = online_softmax_step(qk, m_i, l_i)
         acc = acc * alpha[:, None]

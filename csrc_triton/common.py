@@ -102,6 +102,25 @@ def key_stage_bounds(first_query_pos, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
+def key_visibility(cols, n_keys, query_pos, key_valid_ptr, stride_valid_n, BLOCK_N: tl.constexpr,
+                   CHECK_BOUNDS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    """Which of the keys ``cols`` (BLOCK_N,) each query sees: (1 or rows, BLOCK_N) int1.
+
+    CHECK_BOUNDS hides keys >= n_keys (a ragged tail), HAS_KEY_MASK reads the per-key padding mask
+    (never past n_keys), CAUSAL hides key j > query_pos[i]. Shared by forward, backward and decode.
+    """
+    visible = tl.full((1, BLOCK_N), 1, tl.int1)
+    if CHECK_BOUNDS:
+        visible = visible & (cols[None, :] < n_keys)
+    if HAS_KEY_MASK:
+        key_ok = tl.load(key_valid_ptr + cols * stride_valid_n, mask=cols < n_keys, other=0)
+        visible = visible & (key_ok[None, :] != 0)
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= query_pos[:, None])
+    return visible
+
+
+@triton.jit
 def online_softmax_step(qk, m_i, l_i):
     """One key block of the online softmax (log2 domain): (p, alpha, l_new, m_new) for the block's
     scores qk (rows, keys), the running row max m_i and sum l_i. The caller rescales its

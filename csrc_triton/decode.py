@@ -17,7 +17,7 @@ prefix splits first, then the sequence splits.
 import triton
 import triton.language as tl
 
-from csrc_triton.common import LN2_C, online_softmax_step, task_piece_range
+from csrc_triton.common import LN2_C, key_visibility, online_softmax_step, task_piece_range
 
 
 @triton.jit
@@ -36,12 +36,9 @@ def _online_softmax_range(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_v
         k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        visible = col_ok[None, :] & (cols[None, :] < n_keys)
-        if HAS_KEY_MASK:
-            key_ok = tl.load(key_valid_ptr + cols * stride_valid_n, mask=col_ok, other=0)
-            visible = visible & (key_ok[None, :] != 0)
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= query_pos[:, None])
+        # Keys past this range's end are other splits' (or past n_keys): hidden like a ragged tail.
+        visible = key_visibility(cols, tl.minimum(key_end, n_keys), query_pos, key_valid_ptr, stride_valid_n, BLOCK_N,
+                                 True, HAS_KEY_MASK, CAUSAL)
         qk = tl.where(visible, qk, float("-inf"))
         p, alpha, l_i, m_new = online_softmax_step(qk, m_i, l_i)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
