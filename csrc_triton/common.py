@@ -52,7 +52,6 @@ def device_capability(tensor) -> int:
 
 # Attention dropout draws 16-bit decisions, eight per Philox4x32-10 call (two per output word):
 # columns are taken in groups of 8, so tile starts must be multiples of 8.
-DROPOUT_COLS_PER_CALL = 8
 
 
 @triton.jit

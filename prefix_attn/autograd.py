@@ -15,7 +15,7 @@ _BACKENDS = {}
 
 
 def backend_module(backend: str):
-    """The module with prefix_attn_fwd / prefix_attn_bwd for "triton" or "torch"."""
+    """The module with forward_unchecked / backward_unchecked for "triton" or "torch"."""
     module = _BACKENDS.get(backend)
     if module is None:
         if backend == "triton":

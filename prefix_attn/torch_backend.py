@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from prefix_attn.checks import AttnDims, check_attention_inputs, check_prefix_values, default_scale
+from prefix_attn.checks import AttnDims, default_scale
 from prefix_attn.dropout import keep_mask_rows, keep_scale
 
 # fp32 score elements per query chunk (64 MiB per score-sized buffer).
@@ -232,25 +232,10 @@ def _backward_fused_cpu(dout, q, k, v, out, lse, prefix: Optional[_Prefix], key_
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dpk, dpv
 
 
-def _validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale):
-    dims = check_attention_inputs(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
-                                  dropout_p, softmax_scale)
-    check_prefix_values(prefix_idx, prefix_lens, dims)
-    return dims
-
-
 def _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims):
     prefix = _Prefix(prefix_k, prefix_v, prefix_idx, prefix_lens, dims, q.device) if dims.has_prefix else None
     key_ok = attention_mask != 0 if attention_mask is not None else None
     return prefix, key_ok
-
-
-def prefix_attn_fwd(q, k, v, prefix_k=None, prefix_v=None, prefix_idx=None, prefix_lens=None,
-                    attention_mask=None, causal=True, softmax_scale=None, dropout_p=0.0, rng_state=None):
-    """Forward in PyTorch. Returns out (B, Lq, H, D) in q's dtype and lse (B, H, Lq) fp32."""
-    dims = _validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale)
-    return forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal,
-                             softmax_scale, dropout_p, rng_state, dims)
 
 
 def forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
@@ -275,14 +260,6 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, atte
         out[:, :, rows] = o
     # Contiguous (B, Lq, H, D), as the custom op's fake promises: torch.compile plans views on it.
     return out.transpose(1, 2).contiguous().to(q.dtype), lse
-
-
-def prefix_attn_bwd(dout, dlse, q, k, v, out, lse, prefix_k=None, prefix_v=None, prefix_idx=None, prefix_lens=None,
-                    attention_mask=None, causal=True, softmax_scale=None, dropout_p=0.0, rng_state=None):
-    """Backward in PyTorch; same outputs as the Triton launcher (dq, dk, dv, dprefix_k, dprefix_v)."""
-    dims = _validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale)
-    return backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix_idx, prefix_lens,
-                              attention_mask, causal, softmax_scale, dropout_p, rng_state, dims)
 
 
 def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
