@@ -175,6 +175,8 @@ def _forward_fused_cpu(q, k, v, prefix: Optional[_Prefix], key_ok, causal, scale
     is_causal, mask, own_seen = _own_key_mask(key_ok, causal, dims, q.dtype)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, attn_mask=mask, scale=scale)
+    # The kernel's lse is laid out (B, Lq, H); the op promises a contiguous (B, H, Lq) (its fake says so).
+    lse = lse.contiguous()
     if own_seen is not None:  # the kernel reports lse 0 for a row that sees nothing
         lse.masked_fill_(~own_seen, float("-inf"))
     if prefix is not None:
