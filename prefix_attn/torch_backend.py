@@ -171,6 +171,15 @@ def _write_heads_major(dst, rows: slice, batch_rows, y, accumulate=False):
     dst.transpose(1, 2).index_put_(index, y.transpose(1, 2), accumulate=accumulate)
 
 
+def _task_prefix_scores(qh, prefix: _Prefix, task: int, scale):
+    """Scores (H, n, P) of an (H, n, D) heads-major query tile against its task's prefix slots; slots
+    past the task's prefix_lens at -inf."""
+    s_pre = torch.matmul(qh, prefix.k[task].transpose(-1, -2)).mul_(scale)
+    if prefix.task_slot_ok is not None:
+        s_pre.masked_fill_(~prefix.task_slot_ok[task], float("-inf"))
+    return s_pre
+
+
 def _forward_fused_cpu(q, k, v, prefix: Optional[_Prefix], key_ok, causal, scale, dims: AttnDims):
     is_causal, mask, own_seen = _own_key_mask(key_ok, causal, dims, q.dtype)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -188,9 +197,7 @@ def _forward_fused_cpu(q, k, v, prefix: Optional[_Prefix], key_ok, causal, scale
             rows = slice(start, min(start + step, dims.seqlen_q))
             for task, batch_rows in prefix.groups:
                 lse_own = _heads_major(lse[..., None], rows, batch_rows)[..., 0]  # (H, n)
-                s_pre = torch.matmul(_heads_major(qf, rows, batch_rows), prefix.k[task].transpose(-1, -2)).mul_(scale)
-                if prefix.task_slot_ok is not None:
-                    s_pre.masked_fill_(~prefix.task_slot_ok[task], float("-inf"))
+                s_pre = _task_prefix_scores(_heads_major(qf, rows, batch_rows), prefix, task, scale)
                 lse_all = torch.logaddexp(lse_own, torch.logsumexp(s_pre, dim=-1))
                 safe = torch.where(torch.isneginf(lse_all), 0.0, lse_all)
                 o_pre = torch.matmul(s_pre.sub_(safe[..., None]).exp_(), prefix.v[task])  # (H, n, D)
@@ -223,9 +230,7 @@ def _backward_fused_cpu(dout, q, k, v, out, lse, prefix: Optional[_Prefix], key_
                 qh, doh = _heads_major(qf, rows, batch_rows), _heads_major(dof, rows, batch_rows)
                 delta = (doh * _heads_major(of, rows, batch_rows)).sum(-1)  # (H, n)
                 lse_h = _heads_major(safe[..., None], rows, batch_rows)[..., 0]
-                p_pre = torch.matmul(qh, prefix.k[task].transpose(-1, -2)).mul_(scale).sub_(lse_h[..., None]).exp_()
-                if prefix.task_slot_ok is not None:
-                    p_pre.mul_(prefix.task_slot_ok[task])
+                p_pre = _task_prefix_scores(qh, prefix, task, scale).sub_(lse_h[..., None]).exp_()
                 ds_pre = torch.matmul(doh, prefix.v[task].transpose(-1, -2)).sub_(delta[..., None]).mul_(p_pre)
                 _write_heads_major(dq, rows, batch_rows, torch.matmul(ds_pre, prefix.k[task]).mul_(scale),
                                    accumulate=True)
