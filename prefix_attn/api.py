@@ -7,7 +7,7 @@ from prefix_attn import ops
 from prefix_attn.autograd import PrefixAttnFunction
 from prefix_attn.autograd import forward as attention_forward
 from prefix_attn.backend import resolve_backend
-from prefix_attn.checks import check_attention_inputs, check_row_offsets_fit_int32, default_scale
+from prefix_attn.checks import check_attention_inputs, check_row_offsets_fit_int32, default_scale, refuse_grouped_heads
 
 # torch.autograd.Function.apply (Python) binds default arguments and unwraps functorch wrappers on
 # every call; outside functorch transforms its C implementation does the same work without them.
@@ -85,6 +85,7 @@ def prefix_attn_func(
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     chosen = resolve_backend(backend, q.device)
+    refuse_grouped_heads(dims, chosen)
     if chosen == "triton":
         check_row_offsets_fit_int32(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
     if not dims.has_prefix:  # P = 0 is plain attention

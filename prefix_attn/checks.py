@@ -25,16 +25,23 @@ MAX_SOFTMAX_SCALE = FLOAT32_MAX / LOG2E
 
 @dataclass(frozen=True)
 class AttnDims:
-    """Sizes of one call: q (B, Lq, H, D), k/v (B, Lk, H, D), prefix (T, P, H, D)."""
+    """Sizes of one call: q (B, Lq, H, D), k/v (B, Lk, Hkv, D), prefix (T, P, Hkv, D); H % Hkv == 0
+    and query head h reads KV head h // (H // Hkv) (grouped heads, as FlashAttention)."""
 
     batch: int
     seqlen_q: int
     seqlen_k: int
     heads: int
     head_dim: int
-    num_tasks: int  # 0 without a prefix, 1 for a shared (P, H, D) prefix, T for a bank
+    num_tasks: int  # 0 without a prefix, 1 for a shared (P, Hkv, D) prefix, T for a bank
     prefix_len: int  # P (0 without a prefix)
     is_bank: bool
+    kv_heads: int  # Hkv
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 without grouping)."""
+        return self.heads // self.kv_heads
 
     @property
     def has_prefix(self) -> bool:
@@ -75,14 +82,15 @@ def check_attention_inputs(
         if x.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, seqlen, heads, head_dim), got shape {tuple(x.shape)}")
     B, Lq, H, D = q.shape
-    Lk = k.shape[1]
+    Lk, Hkv = k.shape[1], k.shape[2]
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     for name, x in (("k", k),):
         if x.shape[0] != B:
             raise ValueError(f"{name} has batch {x.shape[0]} but q has batch {B}")
-        if x.shape[2] != H:
-            raise ValueError(f"{name} has {x.shape[2]} heads but q has {H}")
+        if x.shape[2] == 0 or H % x.shape[2] != 0:
+            raise ValueError(f"{name} has {x.shape[2]} heads but q has {H}: the query heads must be a multiple "
+                             f"of the key/value heads (grouped heads, H % Hkv == 0)")
         if x.shape[3] != D:
             raise ValueError(f"{name} has head_dim {x.shape[3]} but q has {D}")
     if Lq > Lk:
@@ -113,8 +121,9 @@ def check_attention_inputs(
         if prefix_k.shape != prefix_v.shape:
             raise ValueError(f"prefix_k and prefix_v must have the same shape, got {tuple(prefix_k.shape)} "
                              f"and {tuple(prefix_v.shape)}")
-        if prefix_k.shape[-2] != H:
-            raise ValueError(f"prefix_k has {prefix_k.shape[-2]} heads but q has {H}")
+        if prefix_k.shape[-2] != Hkv:
+            raise ValueError(f"prefix_k has {prefix_k.shape[-2]} heads but k has {Hkv}: the prefix has the "
+                             f"key/value heads")
         if prefix_k.shape[-1] != D:
             raise ValueError(f"prefix_k has head_dim {prefix_k.shape[-1]} but q has {D}")
         is_bank = prefix_k.dim() == 4
@@ -164,7 +173,15 @@ def check_attention_inputs(
             raise ValueError(
                 f"softmax_scale {softmax_scale} overflows float32 in the kernels, which multiply the scores by "
                 f"softmax_scale * log2(e) in float32: |softmax_scale| must be at most {MAX_SOFTMAX_SCALE:.6g}")
-    return AttnDims(B, Lq, Lk, H, D, num_tasks, prefix_len, is_bank)
+    return AttnDims(B, Lq, Lk, H, D, num_tasks, prefix_len, is_bank, Hkv)
+
+
+def refuse_grouped_heads(dims: AttnDims, backend: str) -> None:
+    """Grouped KV heads are accepted by the checks and the reference; a backend that does not
+    compute them yet refuses them here, before any work."""
+    if dims.kv_heads != dims.heads:
+        raise ValueError(f"k and v have {dims.kv_heads} heads and q has {dims.heads}: grouped KV heads are not "
+                         f"supported by backend={backend!r} yet")
 
 
 def check_triton_device(device: torch.device) -> None:

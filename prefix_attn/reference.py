@@ -70,6 +70,9 @@ def prefix_attn_ref(q, k, v, prefix_k=None, prefix_v=None, *, prefix_idx=None, p
         prefix_v = torch.where(slot_ok, prefix_v, 0.0)
     k_all = concat_prefix(prefix_k, k, prefix_idx)
     v_all = concat_prefix(prefix_v, v, prefix_idx)
+    if dims.group_size > 1:  # grouped heads: query head h reads KV head h // group_size
+        k_all = k_all.repeat_interleave(dims.group_size, dim=2)
+        v_all = v_all.repeat_interleave(dims.group_size, dim=2)
     visible = prefix_attn_mask(dims.batch, dims.seqlen_q, dims.seqlen_k, dims.prefix_len, q.device,
                                prefix_idx, prefix_lens, attention_mask, causal)
     softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

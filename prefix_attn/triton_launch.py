@@ -17,7 +17,7 @@ from csrc_triton.prefix_grad import prefix_grad_partial_kernel, prefix_grad_redu
 from prefix_attn._launch import launcher
 from prefix_attn.checks import (
     AttnDims, check_attention_inputs, check_prefix_values, check_row_offsets_fit_int32, check_triton_device,
-    default_scale, graph_capturing, version_counter,
+    default_scale, graph_capturing, refuse_grouped_heads, version_counter,
 )
 from prefix_attn.dropout import groups_per_row, keep_scale, keep_threshold, padded_prefix
 
@@ -136,6 +136,7 @@ def validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mas
     dims = check_attention_inputs(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
                                   dropout_p, softmax_scale)
     check_triton_device(q.device)
+    refuse_grouped_heads(dims, "triton")
     check_prefix_values(prefix_idx, prefix_lens, dims)
     check_row_offsets_fit_int32(q=q, k=k, v=v, prefix_k=_as_bank(prefix_k), prefix_v=_as_bank(prefix_v))
     return dims
