@@ -4,6 +4,7 @@ from typing import Optional, Union
 import torch
 
 from prefix_attn import ops
+from prefix_attn.args import AttnArgs
 from prefix_attn.autograd import PrefixAttnFunction
 from prefix_attn.autograd import forward as attention_forward
 from prefix_attn.backend import resolve_backend
@@ -90,17 +91,15 @@ def prefix_attn_func(
         check_row_offsets_fit_int32(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
     if not dims.has_prefix:  # P = 0 is plain attention
         prefix_k = prefix_v = prefix_idx = prefix_lens = None
-    scale = default_scale(dims.head_dim, softmax_scale)
+    args = AttnArgs(prefix_idx, prefix_lens, attention_mask, bool(causal), default_scale(dims.head_dim, softmax_scale),
+                    float(dropout_p), chosen, dims)
     if torch.compiler.is_compiling():
         # Opaque custom ops for the compiled graph; eager calls take the cheaper autograd.Function.
-        out, lse, _ = ops.attention(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
-                                    bool(causal), scale, float(dropout_p), chosen)
+        out, lse, _ = ops.attention(q, k, v, prefix_k, prefix_v, *ops.flat(args))
     elif not _needs_graph(q, k, v, prefix_k, prefix_v):
         # Nothing to differentiate (decoding, evaluation): no autograd node to build.
-        out, lse, _ = attention_forward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
-                                        bool(causal), scale, float(dropout_p), chosen, dims)
+        out, lse, _ = attention_forward(q, k, v, prefix_k, prefix_v, args)
     else:
         apply = PrefixAttnFunction.apply if torch._C._are_functorch_transforms_active() else _apply_eager
-        out, lse = apply(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, bool(causal), scale,
-                         float(dropout_p), chosen, dims)
+        out, lse, _ = apply(q, k, v, prefix_k, prefix_v, args)
     return (out, lse) if return_lse else out

@@ -1,17 +1,22 @@
-"""Autograd of the op, shared by the eager path and the torch.library custom op.
+"""Autograd of the op: one forward, one backward and one autograd context for every caller.
 
-Eager calls go through ``PrefixAttnFunction`` (a plain autograd.Function: the cheapest host path);
-while torch.compile traces, ``prefix_attn.ops`` exposes the same forward and backward as custom
-ops so that the graph has no break. Both draw the dropout RNG state the same way and call the same
-backend functions, so they give the same bits.
+Eager calls build a ``PrefixAttnFunction`` node (an autograd.Function: the cheapest host path);
+while torch.compile traces, ``prefix_attn.ops`` exposes the op as two custom ops whose autograd
+formula is registered with the same ``save_context`` and ``backward_from_context``: the saved
+tensors, the options kept and the backward are written once. In the compiled graph the backward
+runs as the opaque ``prefix_attn::attention_backward`` op (handed over by ops.py through the
+context), eagerly as a direct call of the backend. Both draw the dropout RNG state the same way and
+call the same backend functions, so they give the same bits.
 """
 import torch
 
 from prefix_attn import torch_backend
+from prefix_attn.args import AttnArgs
 from prefix_attn.checks import check_prefix_values
 from prefix_attn.dropout import draw_rng_state
 
 _BACKENDS = {}
+_NO_RNG_STATE = {}  # device -> the empty int64 tensor that stands for "no dropout" (never written)
 
 
 def backend_module(backend: str):
@@ -28,26 +33,55 @@ def backend_module(backend: str):
     return module
 
 
-def forward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
-            dropout_p, backend, dims):
-    """(out, lse, rng_state) for inputs already validated (``dims`` from check_attention_inputs)."""
-    check_prefix_values(prefix_idx, prefix_lens, dims)
-    if dropout_p > 0.0:
+def forward(q, k, v, prefix_k, prefix_v, args: AttnArgs):
+    """(out, lse, rng_state) for inputs already validated (``args.dims`` from check_attention_inputs)."""
+    check_prefix_values(args.prefix_idx, args.prefix_lens, args.dims)
+    if args.dropout_p > 0.0:
         rng_state = draw_rng_state(q.device)
     else:
-        rng_state = torch.empty(0, dtype=torch.int64, device=q.device)
-    out, lse = backend_module(backend).forward_unchecked(
-        q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p,
-        rng_state, dims)
+        rng_state = _NO_RNG_STATE.get(q.device)
+        if rng_state is None:
+            rng_state = _NO_RNG_STATE[q.device] = torch.empty(0, dtype=torch.int64, device=q.device)
+    out, lse = backend_module(args.backend).forward_unchecked(q, k, v, prefix_k, prefix_v, args, rng_state)
     return out, lse, rng_state
 
 
-def backward(dout, dlse, q, k, v, out, lse, rng_state, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
-             causal, softmax_scale, dropout_p, backend, dims):
+def backward(dout, dlse, q, k, v, out, lse, rng_state, prefix_k, prefix_v, args: AttnArgs):
     """(dq, dk, dv, dprefix_k, dprefix_v); the prefix gradients are None without a prefix."""
-    return backend_module(backend).backward_unchecked(
-        dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal,
-        softmax_scale, dropout_p, rng_state, dims)
+    return backend_module(args.backend).backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args,
+                                                           rng_state)
+
+
+def save_context(ctx, q, k, v, prefix_k, prefix_v, args: AttnArgs, out, lse, rng_state, backward_op=None) -> None:
+    """What the backward needs, kept on an autograd context (the eager node's or the custom op's).
+
+    backward_op: the custom op that runs the backward inside a compiled graph (None: call the
+    backend directly).
+    """
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, args.prefix_idx, args.prefix_lens, args.attention_mask,
+                          out, lse, rng_state)
+    ctx.options = args.options()
+    ctx.backward_op = backward_op
+    ctx.set_materialize_grads(False)  # an unused lse gives dlse = None: the kernels skip it
+
+
+def backward_from_context(ctx, dout, dlse):
+    """(dq, dk, dv, dprefix_k, dprefix_v) of a context filled by ``save_context``."""
+    q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, out, lse, rng_state = ctx.saved_tensors
+    args = AttnArgs.from_tensors_and_options(prefix_idx, prefix_lens, attention_mask, ctx.options)
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if ctx.backward_op is not None:
+        dq, dk, dv, dpk, dpv = ctx.backward_op(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens,
+                                               attention_mask, out, lse, rng_state, *args.options()[:4])
+        if prefix_k is None:  # custom ops return tensors, not None
+            dpk = dpv = None
+    else:
+        dq, dk, dv, dpk, dpv = backward(dout, dlse, q, k, v, out, lse, rng_state, prefix_k, prefix_v, args)
+    if args.backend == "triton":  # the torch backend's backward is made of differentiable torch ops
+        dq, dk, dv, dpk, dpv = refuse_double_backward(
+            (dq, dk, dv, dpk, dpv), (q, k, v, prefix_k, prefix_v, out, lse, dout, dlse))
+    return dq, dk, dv, dpk, dpv
 
 
 DOUBLE_BACKWARD_ERROR = (
@@ -86,26 +120,16 @@ def refuse_double_backward(grads, depends_on):
 
 
 class PrefixAttnFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
-                dropout_p, backend, dims):
-        out, lse, rng_state = forward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal,
-                                      softmax_scale, dropout_p, backend, dims)
-        ctx.save_for_backward(q, k, v, out, lse, rng_state, prefix_k, prefix_v, prefix_idx, prefix_lens,
-                              attention_mask)
-        ctx.options = (causal, softmax_scale, dropout_p, backend, dims)
-        ctx.set_materialize_grads(False)  # an unused lse gives dlse = None: the kernels skip it
-        return out, lse
+    """The eager autograd node: apply(q, k, v, prefix_k, prefix_v, args) -> (out, lse, rng_state)."""
 
     @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, rng_state, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask = ctx.saved_tensors
-        causal, softmax_scale, dropout_p, backend, dims = ctx.options
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv, dpk, dpv = backward(dout, dlse, q, k, v, out, lse, rng_state, prefix_k, prefix_v, prefix_idx,
-                                        prefix_lens, attention_mask, causal, softmax_scale, dropout_p, backend, dims)
-        if backend == "triton":  # the torch backend's backward is made of differentiable torch ops
-            dq, dk, dv, dpk, dpv = refuse_double_backward(
-                (dq, dk, dv, dpk, dpv), (q, k, v, prefix_k, prefix_v, out, lse, dout, dlse))
-        return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None, None
+    def forward(q, k, v, prefix_k, prefix_v, args: AttnArgs):
+        return forward(q, k, v, prefix_k, prefix_v, args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        save_context(ctx, *inputs, *output)
+
+    @staticmethod
+    def backward(ctx, dout, dlse, _drng_state):
+        return (*backward_from_context(ctx, dout, dlse), None)

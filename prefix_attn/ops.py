@@ -2,8 +2,9 @@
 
 ``prefix_attn::attention`` returns (out, lse, rng_state); its backward calls
 ``prefix_attn::attention_backward``. torch.compile sees two opaque ops with fake (meta) versions:
-no graph break. They run the same forward and backward as the eager autograd.Function
-(``prefix_attn.autograd``), so compiled and eager calls give the same bits.
+no graph break. Their arguments are the fields of ``AttnArgs`` flat (a custom op's schema takes
+tensors and scalars only); the autograd formula is the eager node's own (``save_context`` and
+``backward_from_context`` of prefix_attn.autograd), so compiled and eager calls give the same bits.
 """
 from typing import Optional
 
@@ -11,12 +12,21 @@ import torch
 from torch import Tensor
 
 from prefix_attn import autograd
+from prefix_attn.args import AttnArgs
 from prefix_attn.checks import check_attention_inputs
 
 
-def _dims(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p):
+def _args(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p,
+          backend) -> AttnArgs:
     # Metadata only (the public function validated these inputs already while tracing).
-    return check_attention_inputs(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p)
+    dims = check_attention_inputs(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p)
+    return AttnArgs(prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, backend, dims)
+
+
+def flat(args: AttnArgs) -> tuple:
+    """The custom op's arguments after (q, k, v, prefix_k, prefix_v)."""
+    return (args.prefix_idx, args.prefix_lens, args.attention_mask, args.causal, args.softmax_scale, args.dropout_p,
+            args.backend)
 
 
 @torch.library.custom_op("prefix_attn::attention", mutates_args=())
@@ -25,9 +35,9 @@ def attention(
     prefix_idx: Optional[Tensor], prefix_lens: Optional[Tensor], attention_mask: Optional[Tensor],
     causal: bool, softmax_scale: float, dropout_p: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dims = _dims(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p)
-    return autograd.forward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal,
-                            softmax_scale, dropout_p, backend, dims)
+    args = _args(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
+                 dropout_p, backend)
+    return autograd.forward(q, k, v, prefix_k, prefix_v, args)
 
 
 @attention.register_fake
@@ -47,10 +57,9 @@ def attention_backward(
     attention_mask: Optional[Tensor], out: Tensor, lse: Tensor, rng_state: Tensor,
     causal: bool, softmax_scale: float, dropout_p: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dims = _dims(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p)
-    dq, dk, dv, dpk, dpv = autograd.backward(dout, dlse, q, k, v, out, lse, rng_state, prefix_k, prefix_v,
-                                             prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
-                                             dropout_p, backend, dims)
+    args = _args(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
+                 dropout_p, backend)
+    dq, dk, dv, dpk, dpv = autograd.backward(dout, dlse, q, k, v, out, lse, rng_state, prefix_k, prefix_v, args)
     if dpk is None:  # custom ops return tensors, not None
         dpk, dpv = q.new_empty((0,)), q.new_empty((0,))
     return dq, dk, dv, dpk, dpv
@@ -65,26 +74,13 @@ def _attention_backward_fake(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_idx
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p,
-     backend) = inputs
-    out, lse, rng_state = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, out, lse, rng_state)
-    ctx.options = (causal, softmax_scale, dropout_p, backend)
-    ctx.has_prefix = prefix_k is not None
-    ctx.set_materialize_grads(False)
+    q, k, v, prefix_k, prefix_v = inputs[:5]
+    args = _args(*inputs)
+    autograd.save_context(ctx, q, k, v, prefix_k, prefix_v, args, *output, backward_op=attention_backward)
 
 
-def _backward(ctx, dout, dlse, _drng):
-    q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, out, lse, rng_state = ctx.saved_tensors
-    causal, softmax_scale, dropout_p, backend = ctx.options
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv, dpk, dpv = attention_backward(
-        dout, dlse, q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, out, lse, rng_state,
-        causal, softmax_scale, dropout_p, backend)
-    if not ctx.has_prefix:
-        dpk = dpv = None
-    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None
+def _backward(ctx, dout, dlse, _drng_state):
+    return (*autograd.backward_from_context(ctx, dout, dlse), *(None,) * 7)
 
 
 torch.library.register_autograd("prefix_attn::attention", _backward, setup_context=_setup_context)

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from prefix_attn.args import AttnArgs
 from prefix_attn.checks import AttnDims, default_scale
 from prefix_attn.dropout import keep_mask_rows, keep_scale
 
@@ -245,8 +246,8 @@ def _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dim
     return prefix, key_ok
 
 
-def forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
-                      dropout_p, rng_state, dims: AttnDims):
+def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state):
+    prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims = args
     prefix, key_ok = _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims)
     scale = default_scale(dims.head_dim, softmax_scale)
     if _use_fused_cpu_kernel(q, dims, dropout_p):
@@ -269,8 +270,8 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, atte
     return out.transpose(1, 2).contiguous().to(q.dtype), lse
 
 
-def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
-                       causal, softmax_scale, dropout_p, rng_state, dims: AttnDims):
+def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: AttnArgs, rng_state):
+    prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims = args
     prefix, key_ok = _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims)
     scale = default_scale(dims.head_dim, softmax_scale)
     # The fused kernel's backward is not differentiable: double backward (create_graph=True) and lse

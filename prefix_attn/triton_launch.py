@@ -15,6 +15,7 @@ from csrc_triton.decode import decode_merge_kernel, decode_prefix_kernel, decode
 from csrc_triton.dropout_mask import dropout_mask_kernel
 from csrc_triton.prefix_grad import prefix_grad_partial_kernel, prefix_grad_reduce_kernel
 from prefix_attn._launch import launcher
+from prefix_attn.args import AttnArgs
 from prefix_attn.checks import (
     AttnDims, check_attention_inputs, check_prefix_values, check_row_offsets_fit_int32, check_triton_device,
     default_scale, graph_capturing, refuse_grouped_heads, version_counter,
@@ -151,13 +152,14 @@ def prefix_attn_fwd(q, k, v, prefix_k=None, prefix_v=None, prefix_idx=None, pref
     dims = validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale)
     if dropout_p > 0.0 and (rng_state is None or rng_state.shape != (2,)):
         raise ValueError("rng_state must be a (2,) int64 tensor [seed, offset] when dropout_p > 0")
-    return forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal,
-                             softmax_scale, dropout_p, rng_state, dims)
+    args = AttnArgs(prefix_idx, prefix_lens, attention_mask, bool(causal), default_scale(dims.head_dim, softmax_scale),
+                    float(dropout_p), "triton", dims)
+    return forward_unchecked(q, k, v, prefix_k, prefix_v, args, rng_state)
 
 
-def forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
-                      dropout_p, rng_state, dims: AttnDims):
-    """The forward launch for inputs already validated (``dims`` from check_attention_inputs)."""
+def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state):
+    """The forward launch for inputs already validated (``args.dims`` from check_attention_inputs)."""
+    prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims = args
     B, Lq, H, D = q.shape
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
@@ -302,13 +304,15 @@ def prefix_attn_bwd(dout, dlse, q, k, v, out, lse, prefix_k=None, prefix_v=None,
     dims = validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale)
     if dout.shape != q.shape:
         raise ValueError(f"dout must have q's shape {tuple(q.shape)}, got {tuple(dout.shape)}")
-    return backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix_idx, prefix_lens,
-                              attention_mask, causal, softmax_scale, dropout_p, rng_state, dims, items_per_piece)
+    args = AttnArgs(prefix_idx, prefix_lens, attention_mask, bool(causal), default_scale(dims.head_dim, softmax_scale),
+                    float(dropout_p), "triton", dims)
+    return backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args, rng_state, items_per_piece)
 
 
-def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
-                       causal, softmax_scale, dropout_p, rng_state, dims: AttnDims, items_per_piece=None):
+def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: AttnArgs, rng_state,
+                       items_per_piece=None):
     """The backward launches for inputs already validated."""
+    prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims = args
     B, Lq, H, D = q.shape
     Lk = dims.seqlen_k
     dq = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
