@@ -16,6 +16,50 @@ _c_apply = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
 _apply_eager = _c_apply.__get__(None, PrefixAttnFunction) if _c_apply is not None else PrefixAttnFunction.apply
 
 
+# Calls whose arguments were validated: signature -> (AttnDims, backend). A training step calls the op once per
+# layer with tensors of the same shapes, strides, dtypes and devices: they are checked once.
+_VALIDATED: dict = {}
+_MAX_VALIDATED = 1024
+
+
+def _tensor_signature(x):
+    return None if x is None else (type(x), x.shape, x.stride(), x.dtype, x.device)
+
+
+def _check_call(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale,
+                backend: str):
+    dims = check_attention_inputs(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
+                                  dropout_p, softmax_scale)
+    chosen = resolve_backend(backend, q.device)
+    refuse_grouped_heads(dims, chosen)
+    if chosen == "triton":
+        check_row_offsets_fit_int32(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
+    return dims, chosen
+
+
+def _validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale,
+              backend: str):
+    """(dims, backend) after every metadata check of the call; checked once per call signature (the
+    types, shapes, strides, dtypes and devices of the tensors, the scalars' types and values and the
+    backend asked for), since no check reads anything else. Index values are checked apart
+    (checks.check_prefix_values)."""
+    try:
+        signature = (backend, type(dropout_p), dropout_p, type(softmax_scale), softmax_scale,
+                     *map(_tensor_signature, (q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask)))
+        found = _VALIDATED.get(signature)
+    except (AttributeError, TypeError):  # not a tensor: the checks below say which argument
+        signature = found = None
+    if found is not None and found[1] == resolve_backend(backend, q.device):  # "auto" may follow the env var
+        return found
+    dims, chosen = _check_call(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p,
+                               softmax_scale, backend)
+    if signature is not None:
+        if len(_VALIDATED) >= _MAX_VALIDATED:
+            _VALIDATED.clear()
+        _VALIDATED[signature] = (dims, chosen)
+    return dims, chosen
+
+
 def _needs_graph(q, k, v, prefix_k, prefix_v) -> bool:
     if not torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
         return torch.is_grad_enabled()
@@ -81,14 +125,14 @@ def prefix_attn_func(
     once with "triton" (differentiating its gradients raises RuntimeError). Bad input raises
     ValueError or TypeError naming the argument.
     """
-    dims = check_attention_inputs(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
-                                  dropout_p, softmax_scale)
+    if torch.compiler.is_compiling():  # traced once: no cache
+        dims, chosen = _check_call(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p,
+                                   softmax_scale, backend)
+    else:
+        dims, chosen = _validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p,
+                                 softmax_scale, backend)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    chosen = resolve_backend(backend, q.device)
-    refuse_grouped_heads(dims, chosen)
-    if chosen == "triton":
-        check_row_offsets_fit_int32(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
     if not dims.has_prefix:  # P = 0 is plain attention
         prefix_k = prefix_v = prefix_idx = prefix_lens = None
     args = AttnArgs(prefix_idx, prefix_lens, attention_mask, bool(causal), default_scale(dims.head_dim, softmax_scale),

@@ -222,3 +222,31 @@ def test_int32_span_check_fast_path_keeps_the_check():
     wide = torch.empty_strided((1, 2, 2, 16), (0, 2**31, 16, 1), device="meta")  # no memory behind it
     with pytest.raises(ValueError, match="k spans"):
         check_row_offsets_fit_int32(q=small, k=wide)
+
+
+def test_calls_are_validated_once_per_signature(monkeypatch):
+    """The metadata checks run once per call signature (a model's layers repeat it), and any change
+    of shape, stride, dtype, device or scalar option is checked again: the cache never lets a bad
+    call through."""
+    from prefix_attn import api, prefix_attn_func
+
+    calls = []
+    check = api.check_attention_inputs
+    monkeypatch.setattr(api, "check_attention_inputs", lambda *a, **kw: calls.append(1) or check(*a, **kw))
+    api._VALIDATED.clear()
+    q, k, v = (torch.randn(2, 5, 2, 16) for _ in range(3))
+    pk, pv = torch.randn(3, 2, 16), torch.randn(3, 2, 16)
+    for _ in range(3):
+        prefix_attn_func(q, k, v, pk, pv, backend="torch")
+    assert len(calls) == 1
+    prefix_attn_func(q, k, v, pk, pv, backend="torch", dropout_p=0.1)
+    prefix_attn_func(q, k.transpose(0, 1).contiguous().transpose(0, 1), v, pk, pv, backend="torch")  # strides
+    assert len(calls) == 3
+    with pytest.raises(TypeError, match="k has dtype"):
+        prefix_attn_func(q, k.double(), v, pk, pv, backend="torch")
+    with pytest.raises(ValueError, match="prefix_k has 1 heads"):
+        prefix_attn_func(q, k, v, pk[:, :1], pv[:, :1], backend="torch")
+    with pytest.raises(TypeError, match="dropout_p must be a float"):
+        prefix_attn_func(q, k, v, pk, pv, backend="torch", dropout_p="0.1")
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        prefix_attn_func(q, k.tolist(), v, pk, pv, backend="torch")
