@@ -1,7 +1,8 @@
 """Op-level benchmark: the fused prefix attention against the concat baselines.
 
-Sweeps over L, P, B and heads in GPT-2 shapes (D = 64, bf16 on GPU); modes fwd, bwd, fwd+bwd;
-median (p20, p80) ms, TFLOP/s of useful work and peak memory per provider.
+Sweeps over L, P, B and heads in GPT-2 shapes (D = 64, bf16 on GPU) and in Llama shapes (grouped KV
+heads: H = 32, Hkv = 8, D = 128, as Llama-3 8B); modes fwd, bwd, fwd+bwd; median (p20, p80) ms,
+TFLOP/s of useful work and peak memory per provider.
 """
 import dataclasses
 from typing import Iterator
@@ -23,6 +24,11 @@ class AttnShape:
     L: int
     P: int
     D: int = 64
+    Hkv: int = 0  # KV heads (grouped heads); 0: as many as the query heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.Hkv or self.H
 
     def visible_pairs(self) -> int:
         """Query-key pairs a causal call computes usefully: every prefix slot plus keys <= i."""
@@ -38,17 +44,21 @@ def sweeps(quick: bool, device) -> dict[str, list[AttnShape]]:
         return {
             "attn_vs_P": [AttnShape(2, 4, 128, P) for P in (0, 16, 64)],
             "attn_vs_L": [AttnShape(2, 4, L, 16) for L in ((64, 128) if quick else (64, 128, 256))],
+            "attn_gqa_vs_P": [AttnShape(2, 4, 128, P, D=32, Hkv=2) for P in (16, 64)],
         }
     if quick:
         return {
             "attn_vs_P": [AttnShape(8, 12, 1024, P) for P in (0, 10, 64, 256)],
             "attn_vs_L": [AttnShape(8, 12, L, 10) for L in (512, 1024, 2048)],
+            "attn_llama_vs_P": [AttnShape(4, 32, 2048, P, D=128, Hkv=8) for P in (10, 128)],
         }
     return {
         "attn_vs_P": [AttnShape(8, 12, 1024, P) for P in (0, 10, 32, 64, 128, 256)],
         "attn_vs_L": [AttnShape(8, 12, L, 10) for L in (512, 1024, 2048)],
         "attn_vs_B": [AttnShape(B, 12, 512, 64) for B in (8, 16, 32)],
         "attn_H25_vs_P": [AttnShape(8, 25, 1024, P) for P in (10, 200)],
+        "attn_llama_vs_P": [AttnShape(4, 32, 2048, P, D=128, Hkv=8) for P in (10, 32, 128, 512)],
+        "attn_llama_vs_L": [AttnShape(4, 32, L, 32, D=128, Hkv=8) for L in (1024, 4096)],
     }
 
 
@@ -58,10 +68,11 @@ def _inputs(shape: AttnShape, dtype, device):
     def rand(*s):
         return torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
 
-    q, k, v = (rand(shape.B, shape.L, shape.H, shape.D) for _ in range(3))
+    q = rand(shape.B, shape.L, shape.H, shape.D)
+    k, v = (rand(shape.B, shape.L, shape.kv_heads, shape.D) for _ in range(2))
     pk = pv = None
     if shape.P:
-        pk, pv = rand(shape.P, shape.H, shape.D), rand(shape.P, shape.H, shape.D)
+        pk, pv = rand(shape.P, shape.kv_heads, shape.D), rand(shape.P, shape.kv_heads, shape.D)
     return q, k, v, pk, pv
 
 

@@ -1,8 +1,9 @@
 """Attention providers compared by the op-level benchmarks: the fused op and the concat baselines.
 
-Each provider takes q, k, v (B, L, H, D) and prefix_k, prefix_v (P, H, D) (or None) and computes
-causal prefix attention; the concat_* providers expand the prefix over the batch and concatenate
-it with K/V in every call, as PEFT does.
+Each provider takes q (B, L, H, D), k, v (B, L, Hkv, D) and prefix_k, prefix_v (P, Hkv, D) (or None)
+and computes causal prefix attention; the concat_* providers expand the prefix over the batch and
+concatenate it with K/V in every call, as PEFT does. Grouped KV heads (Hkv < H) go to SDPA and
+FlexAttention with enable_gqa=True, as transformers passes them (no repeat of the KV heads).
 """
 import functools
 
@@ -38,7 +39,8 @@ def concat_sdpa(q, k, v, pk, pv):
     keys <= i, which is exactly the prefix-LM pattern, so SDPA may keep its flash backend."""
     k_all, v_all = concat_prefix(pk, k, None), concat_prefix(pv, v, None)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k_all, v_all))
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=_lower_right(qt.shape[2], kt.shape[2]))
+    gqa = {"enable_gqa": True} if kt.shape[1] != qt.shape[1] else {}
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=_lower_right(qt.shape[2], kt.shape[2]), **gqa)
     return out.transpose(1, 2)
 
 
@@ -67,7 +69,8 @@ def concat_flex(q, k, v, pk, pv):
     P = 0 if pk is None else pk.shape[0]
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k_all, v_all))
     mask = _flex_block_mask(q.shape[0], qt.shape[2], kt.shape[2], P, str(q.device))
-    return _compiled_flex()(qt, kt, vt, block_mask=mask).transpose(1, 2)
+    gqa = {"enable_gqa": True} if kt.shape[1] != qt.shape[1] else {}
+    return _compiled_flex()(qt, kt, vt, block_mask=mask, **gqa).transpose(1, 2)
 
 
 PROVIDERS = {
