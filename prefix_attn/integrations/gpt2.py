@@ -47,6 +47,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from transformers.models.gpt2.modeling_gpt2 import GPT2PreTrainedModel
 
 from prefix_attn import prefix_attn_func
+from prefix_attn.integrations._traced_masks import assert_plain_causal_on_device
 from prefix_attn.integrations._versions import check_transformers_version
 
 ATTN_IMPLEMENTATION = "prefix_attn"
@@ -206,6 +207,11 @@ def prefix_attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
         functions), for a mask shorter than the keys of a cache that is not a StaticCache, and see
         ``static_cache_mask``.
     """
+    if mask_function is not causal_mask_function and attention_mask is None and torch.compiler.is_compiling():
+        # Traced without a mask: transformers could not rule packed sequences out (see _traced_masks).
+        assert_plain_causal_on_device(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset,
+                                      kwargs.get("device", "cpu"))
+        mask_function = causal_mask_function
     if mask_function is not causal_mask_function:
         # create_causal_mask wraps causal_mask_function for packed sequences (position_ids that restart
         # within a row) or extra or/and mask functions: the kernel would silently ignore them.
