@@ -14,6 +14,7 @@ import weakref
 from typing import Callable
 
 import torch
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 QUANTILES = (0.5, 0.2, 0.8)
@@ -46,7 +47,14 @@ def time_ms(fn: Callable[[], object], device, *, warmup_ms=25, rep_ms=100, cpu_r
 
 
 class _StorageCounter(TorchDispatchMode):
-    """Counts bytes of tensor storages created under it and alive, and their peak."""
+    """Counts bytes of tensor storages created under it and alive, and their peak.
+
+    An op's output that shares storage with one of its tensor arguments (a view, an in-place or out=
+    result) allocated nothing: it is not counted. Without that rule a storage that existed before the
+    call (an input) was counted as soon as the call took a view of it (a transpose), which charged a
+    provider that views its inputs (k.transpose(1, 2)) for memory that another one (reading them in
+    torch.cat) was not charged for.
+    """
 
     def __init__(self):
         super().__init__()
@@ -72,7 +80,11 @@ class _StorageCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {x.untyped_storage().data_ptr() for x in pytree.tree_leaves((args, kwargs))
+                  if isinstance(x, torch.Tensor) and x.device.type == "cpu"}
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage().data_ptr() in inputs:
+                continue  # a view or an in-place result: no new storage
             self._track(t)
         return out
 
