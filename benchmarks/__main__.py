@@ -19,11 +19,11 @@ def autotuned_configs() -> dict:
     """The config autotuning chose for each kernel and key in this run (when Triton ran)."""
     if "prefix_attn.triton_launch" not in sys.modules:
         return {}
-    from csrc_triton.attn_bwd import bwd_seq_kernel
+    from csrc_triton.attn_bwd import bwd_kernel
     from csrc_triton.attn_fwd import prefix_attn_fwd_kernel
 
     return {kernel.fn.__name__: {str(key): str(cfg) for key, cfg in kernel.cache.items()}
-            for kernel in (prefix_attn_fwd_kernel, bwd_seq_kernel)}
+            for kernel in (prefix_attn_fwd_kernel, bwd_kernel)}
 
 
 def default_out(device) -> str:

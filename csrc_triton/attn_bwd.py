@@ -1,12 +1,14 @@
-"""Backward kernels of prefix attention (FlashAttention-2 style, scores recomputed).
+"""Backward kernels of prefix attention (FlashAttention-2 style, scores recomputed): two launches.
 
 1. ``bwd_preprocess_kernel``: delta = rowsum(dO * O) - dLSE and the lse in log2 units, with empty
-   rows (lse = -inf) turned to +inf so that recomputed probabilities are 0 there.
-2. ``bwd_seq_kernel``: program j computes dK/dV of the sequence's key block j (key-stationary,
-   looping over queries) and dQ of query block j (query-stationary, looping over the prefix and
-   the sequence keys). Causal work per key block falls as per query block grows, so each program
-   does about the same work.
-3. The prefix gradient lives in ``prefix_grad.py``: it is reduced across the batch there.
+   rows (lse = -inf) turned to +inf so that recomputed probabilities are 0 there; it also zeroes
+   the prefix-gradient counters that the next launch counts with.
+2. ``bwd_kernel``: its sequence programs compute, for program j of one (b, h), dK/dV of the
+   sequence's key block j (key-stationary, looping over queries) and dQ of query block j
+   (query-stationary, looping over the prefix and the sequence keys). Causal work per key block
+   falls as per query block grows, so each program does about the same work. Its programs after
+   those each take one piece of the prefix gradient, reduced across the batch per task in a fixed
+   order by the piece that arrives last (``prefix_grad.py``).
 """
 import triton
 import triton.language as tl
@@ -15,19 +17,42 @@ from csrc_triton.common import (
     LOG2E_C, device_capability, dropout_keep_tile, key_stage_bounds, key_visibility, launch_arg, locate_prefix,
     pick_configs, tuning_prune,
 )
+from csrc_triton.prefix_grad import prefix_piece_grads
+
+
+@triton.jit
+def scratch_sections(Scratch, n_rows, ws_size):
+    """(Delta, LseLog2, dPK_ws, dPV_ws, Counters) inside the backward's one fp32 scratch buffer:
+    n_rows, n_rows, ws_size, ws_size fp32 elements, then the int32 counters (layout owned by
+    prefix_attn.triton_launch._backward_plan)."""
+    Delta = Scratch
+    LseLog2 = Scratch + n_rows
+    dPK_ws = Scratch + 2 * tl.cast(n_rows, tl.int64)
+    dPV_ws = dPK_ws + tl.cast(ws_size, tl.int64)
+    Counters = (dPV_ws + tl.cast(ws_size, tl.int64)).to(tl.pointer_type(tl.int32))
+    return Delta, LseLog2, dPK_ws, dPV_ws, Counters
 
 
 @triton.jit
 def bwd_preprocess_kernel(
-    Out, dOut, Lse, dLse, Delta, LseLog2,
+    Out, dOut, Lse, dLse, Scratch,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_dob, stride_dom, stride_doh, stride_dod,
-    H, Lq,
+    stride_dlb, stride_dlh, stride_dlm,
+    H, Lq, n_rows, ws_size, n_counters,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
-    """Grid (cdiv(Lq, BLOCK_M), B * H)."""
+    """Grid (cdiv(Lq, BLOCK_M), B * H). Also zeroes the prefix-gradient counters of the scratch
+    (grid-stride over all programs) for the backward kernel launched after it on the same stream."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    Delta, LseLog2, _, _, Counters = scratch_sections(Scratch, n_rows, ws_size)
+    COUNTER_BLOCK: tl.constexpr = 256
+    n_programs = tl.num_programs(0) * tl.num_programs(1)
+    for start in range((pid_bh * tl.num_programs(0) + pid_m) * COUNTER_BLOCK, n_counters, n_programs * COUNTER_BLOCK):
+        offs_c = start + tl.arange(0, COUNTER_BLOCK)
+        tl.store(Counters + offs_c, tl.zeros((COUNTER_BLOCK,), tl.int32), mask=offs_c < n_counters)
+
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -41,8 +66,10 @@ def bwd_preprocess_kernel(
     row = pid_bh.to(tl.int64) * Lq + offs_m
     row_ok = offs_m < Lq
     if HAS_DLSE:
-        # d lse_i / d s_ij = p_ij, so a gradient on lse enters exactly as -delta does.
-        delta -= tl.load(dLse + row, mask=row_ok, other=0.0)
+        # d lse_i / d s_ij = p_ij, so a gradient on lse enters exactly as -delta does. Any strides
+        # (autograd hands over the gradient of lse.sum() as a stride-0 expansion): no copy.
+        delta -= tl.load(dLse + b * stride_dlb + h * stride_dlh + offs_m * stride_dlm, mask=row_ok,
+                         other=0.0).to(tl.float32)
     lse = tl.load(Lse + row, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_C)
     tl.store(Delta + row, delta, mask=row_ok)
@@ -169,9 +196,10 @@ def prune_bwd_configs(configs, named_args, **kwargs):
     prune_configs_by={"early_config_prune": tuning_prune(prune_bwd_configs)},
 )
 @triton.jit
-def bwd_seq_kernel(
+def bwd_kernel(
     Q, K, V, PK, PV, PREFIX_IDX, PREFIX_LENS, KEY_MASK, RNG,
-    dOut, LseLog2, Delta, dQ, dK, dV,
+    dOut, Scratch, dQ, dK, dV,
+    ROW_ORDER, TASK_ROW_START, TASK_PIECE_START, PIECE_TASK, dPK, dPV,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -184,16 +212,42 @@ def bwd_seq_kernel(
     stride_maskb, stride_maskn,
     H, Lq, Lk, P, drop_groups_per_row, keep_threshold,
     qk_scale, softmax_scale, dropout_scale,
+    B, n_rows, ws_size, P_pad, n_pblocks, n_prefix_query_blocks, items_per_piece, n_items, n_pieces,
     TUNE_LQ, TUNE_LK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     HAS_PREFIX: tl.constexpr, HAS_BANK: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_MP: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
 ):
-    """Grid (max(cdiv(Lk, BLOCK_N1), cdiv(Lq, BLOCK_M2)), B * H)."""
+    """Grid (n_seq + n_pieces * n_pblocks * H,), n_seq = max(cdiv(Lk, BLOCK_N1), cdiv(Lq, BLOCK_M2)) * B * H.
+
+    Programs [0, n_seq) are the sequence programs (key block and query block j of one (b, h),
+    block fastest); each program after them takes one piece of the prefix gradient
+    (prefix_grad.prefix_piece_grads, BLOCK_MP query rows per item). The heavy sequence programs
+    come first; the light prefix pieces fill the tail of the schedule.
+    """
+    n_blocks = tl.maximum(tl.cdiv(Lk, BLOCK_N1), tl.cdiv(Lq, BLOCK_M2))
+    n_seq = n_blocks * B * H
     pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    Delta, LseLog2, dPK_ws, dPV_ws, Counters = scratch_sections(Scratch, n_rows, ws_size)
+    if HAS_PREFIX:
+        if pid >= n_seq:
+            prefix_piece_grads(
+                pid - n_seq, Q, PK, PV, dOut, LseLog2, Delta, PREFIX_LENS, RNG,
+                ROW_ORDER, TASK_ROW_START, TASK_PIECE_START, PIECE_TASK,
+                dPK_ws, dPV_ws, Counters, dPK, dPV,
+                stride_qb, stride_qm, stride_qh, stride_qd,
+                stride_pkt, stride_pkp, stride_pkh, stride_pkd,
+                stride_pvt, stride_pvp, stride_pvh, stride_pvd,
+                stride_dob, stride_dom, stride_doh, stride_dod,
+                H, Lq, P, P_pad, n_pblocks, n_prefix_query_blocks, items_per_piece, n_items, n_pieces,
+                drop_groups_per_row, keep_threshold, qk_scale, softmax_scale, dropout_scale,
+                HEAD_DIM, BLOCK_D, BLOCK_P, BLOCK_MP, HAS_BANK, HAS_PREFIX_LENS, HAS_DROPOUT, DOT_PRECISION,
+            )
+            return
+    pid_bh = pid // n_blocks
+    pid = pid % n_blocks
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)

@@ -8,12 +8,11 @@ from typing import Optional
 
 import torch
 
-from csrc_triton.attn_bwd import bwd_preprocess_kernel, bwd_seq_kernel
+from csrc_triton.attn_bwd import bwd_kernel, bwd_preprocess_kernel
 from csrc_triton.attn_fwd import prefix_attn_fwd_kernel
 from csrc_triton.common import INTERPRET, LOG2E
 from csrc_triton.decode import decode_merge_kernel, decode_prefix_kernel, decode_seq_kernel
 from csrc_triton.dropout_mask import dropout_mask_kernel
-from csrc_triton.prefix_grad import prefix_grad_partial_kernel, prefix_grad_reduce_kernel
 from prefix_attn._launch import launcher
 from prefix_attn.args import AttnArgs
 from prefix_attn.checks import (
@@ -22,10 +21,10 @@ from prefix_attn.checks import (
 )
 from prefix_attn.dropout import groups_per_row, keep_scale, keep_threshold, padded_prefix
 
-# Query rows per item of the prefix-gradient reduction, and rows per preprocess program.
+# Query rows per item of the prefix-gradient pieces, and rows per preprocess program.
 PREFIX_GRAD_BLOCK_M = 16 if INTERPRET else 64
 PREPROCESS_BLOCK_M = 16 if INTERPRET else 128
-# Programs per SM the prefix-gradient stage aims for.
+# Prefix-gradient programs per SM the backward launch adds.
 PREFIX_GRAD_WAVES = 4
 # The decode path serves calls with at most this many queries per sequence and no dropout.
 DECODE_MAX_QUERIES = 16
@@ -178,23 +177,25 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state):
     return out, lse
 
 
-def _task_pieces(dims: AttnDims, prefix_idx, device, units_per_row: int, units_per_piece: int):
+def _task_pieces(dims: AttnDims, prefix_idx, device, units_per_row: int, units_per_piece: int,
+                 every_task: bool = False):
     """Cut each task's work into pieces of ``units_per_piece`` units, ``units_per_row`` per sequence,
     sequences taken in task order. Returns (n_pieces, tables): n_pieces an upper bound known without
     reading prefix_idx (no host sync, CUDA-graph safe), and for a bank the device tables
-    (row_order, task_row_start, task_piece_start, piece_task) the kernels read."""
+    (row_order, task_row_start, task_piece_start, piece_task) the kernels read. every_task: a task
+    that no sequence uses still gets one (empty) piece."""
     n_units = dims.batch * units_per_row
     if not dims.is_bank:
         return _cdiv(n_units, units_per_piece), None
     # Every layer of a forward passes the same prefix_idx: its tables are built once (per plan).
-    plan = (dims.num_tasks, dims.batch, units_per_row, units_per_piece)
+    plan = (dims.num_tasks, dims.batch, units_per_row, units_per_piece, every_task)
     entry = _TASK_TABLES.get(id(prefix_idx))
     capturing = graph_capturing(prefix_idx.device)  # a graph must rebuild them from prefix_idx
     if entry is not None and entry[0]() is prefix_idx and entry[1] == version_counter(prefix_idx) and not capturing:
         found = entry[2].get(plan)
         if found is not None:
             return found
-    result = _build_task_pieces(dims, prefix_idx, device, units_per_row, units_per_piece)
+    result = _build_task_pieces(dims, prefix_idx, device, units_per_row, units_per_piece, every_task)
     version = version_counter(prefix_idx)
     if version is not None and not capturing:
         if entry is None or entry[0]() is not prefix_idx or entry[1] != version:
@@ -209,7 +210,8 @@ def _task_pieces(dims: AttnDims, prefix_idx, device, units_per_row: int, units_p
 _TASK_TABLES: dict = {}
 
 
-def _build_task_pieces(dims: AttnDims, prefix_idx, device, units_per_row: int, units_per_piece: int):
+def _build_task_pieces(dims: AttnDims, prefix_idx, device, units_per_row: int, units_per_piece: int,
+                       every_task: bool = False):
     n_units = dims.batch * units_per_row
     T = dims.num_tasks
     idx = prefix_idx.to(torch.int64)
@@ -219,9 +221,11 @@ def _build_task_pieces(dims: AttnDims, prefix_idx, device, units_per_row: int, u
     zero = torch.zeros(1, dtype=torch.int64, device=device)
     task_row_start = torch.cat([zero, torch.cumsum(counts, 0)])
     pieces = (counts * units_per_row + units_per_piece - 1) // units_per_piece
+    if every_task:
+        pieces = pieces.clamp_(min=1)
     task_piece_start = torch.cat([zero, torch.cumsum(pieces, 0)])
-    # Sum over tasks of ceil(units_t / size) <= total / size + tasks present.
-    n_pieces = _cdiv(n_units, units_per_piece) + min(T, dims.batch)
+    # Sum over tasks of ceil(units_t / size) <= total / size + tasks present (+ the empty ones).
+    n_pieces = _cdiv(n_units, units_per_piece) + (T if every_task else min(T, dims.batch))
     piece_ids = torch.arange(n_pieces, device=device, dtype=torch.int64)
     piece_task = torch.searchsorted(task_piece_start[1:], piece_ids, right=True)
     piece_task = torch.where(piece_task < T, piece_task, torch.full_like(piece_task, -1))
@@ -280,23 +284,21 @@ def decode_forward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attenti
     return out, lse
 
 
-def _prefix_grad_plan(dims: AttnDims, prefix_idx, device, block_m: int, block_p: int, items_per_piece=None):
-    """Split of the prefix-gradient work (sequence row, query block) into pieces, one task each."""
+def _prefix_grad_split(dims: AttnDims, device, block_m: int, block_p: int, items_per_piece=None):
+    """(query blocks per row, items per piece) of the prefix-gradient work (sequence row, query block)."""
     n_query_blocks = _cdiv(dims.seqlen_q, block_m)
-    n_items = dims.batch * n_query_blocks
-    n_pblocks = _cdiv(dims.prefix_len, block_p)
     if items_per_piece is None:
+        n_pblocks = _cdiv(dims.prefix_len, block_p)
         target_pieces = max(1, _cdiv(PREFIX_GRAD_WAVES * num_sms(device), n_pblocks * dims.heads))
-        items_per_piece = max(1, _cdiv(n_items, target_pieces))
-    n_pieces, tables = _task_pieces(dims, prefix_idx, device, n_query_blocks, items_per_piece)
-    return n_query_blocks, items_per_piece, n_pieces, tables
+        items_per_piece = max(1, _cdiv(dims.batch * n_query_blocks, target_pieces))
+    return n_query_blocks, items_per_piece
 
 
 def prefix_attn_bwd(dout, dlse, q, k, v, out, lse, prefix_k=None, prefix_v=None, prefix_idx=None, prefix_lens=None,
                     attention_mask=None, causal=True, softmax_scale=None, dropout_p=0.0, rng_state=None, items_per_piece=None):
     """Backward launcher. Returns dq, dk, dv (shapes of q, k, v) and dprefix_k, dprefix_v (shape of
     prefix_k, or None without a prefix). The prefix gradient is reduced over the batch (per task)
-    in a fixed order, without atomics: results are bitwise repeatable.
+    in a fixed order, without float atomics: results are bitwise repeatable.
 
     dlse: gradient of the lse output (B, H, Lq) or None. items_per_piece overrides the split of the
     prefix-gradient reduction (tests use it to force many pieces).
@@ -304,72 +306,149 @@ def prefix_attn_bwd(dout, dlse, q, k, v, out, lse, prefix_k=None, prefix_v=None,
     dims = validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale)
     if dout.shape != q.shape:
         raise ValueError(f"dout must have q's shape {tuple(q.shape)}, got {tuple(dout.shape)}")
+    if dlse is not None and dlse.shape != lse.shape:
+        raise ValueError(f"dlse must have lse's shape {tuple(lse.shape)}, got {tuple(dlse.shape)}")
     args = AttnArgs(prefix_idx, prefix_lens, attention_mask, bool(causal), default_scale(dims.head_dim, softmax_scale),
                     float(dropout_p), "triton", dims)
     return backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args, rng_state, items_per_piece)
 
 
+class _BackwardPlan:
+    """Everything of a backward launch that depends only on shapes, strides, dtypes and options:
+    built once per kind of call (``_backward_plan``), so that a call only allocates and launches.
+
+    The one fp32 scratch buffer holds, in order: delta and the log2 lse (B * H * Lq each), the
+    prefix-gradient partials of K and V (n_pieces * H * P_pad * D each) and the int32 counters
+    (T * n_pblocks * H) of the last-arrival reduction (csrc_triton.attn_bwd.scratch_sections).
+    """
+
+    __slots__ = ("grad_shapes", "scratch_numel", "pre_grid", "pre_ints", "pre_cx", "grid", "ints", "cx",
+                 "prefix_split")
+
+    def __init__(self, q, k, v, dout, out, dlse, prefix_k, prefix_v, mask, causal, softmax_scale, dropout_p,
+                 has_lens, rng_state, dims: AttnDims, items_per_piece):
+        B, Lq, H, D = q.shape
+        Lk, P = dims.seqlen_k, dims.prefix_len
+        device = q.device
+        self.grad_shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape),
+                            tuple(prefix_k.shape) if dims.has_prefix else None)
+        n_rows = B * H * Lq
+        # Without a prefix the preprocess writes delta and lse only; the counters section is empty.
+        pointers, strides, mask_strides, sizes, scale, cx, tune = _launch_common(
+            q, k, v, prefix_k, prefix_v, None, q if has_lens else None, mask, causal, softmax_scale, dropout_p,
+            rng_state, dims)
+        if dims.has_prefix:
+            block_p = cx["BLOCK_P"]
+            n_qblocks, ipp = _prefix_grad_split(dims, device, PREFIX_GRAD_BLOCK_M, block_p, items_per_piece)
+            n_pblocks = _cdiv(P, block_p)
+            n_items = B * n_qblocks
+            if dims.is_bank:  # the bound _task_pieces gives, known without reading prefix_idx
+                n_pieces = _cdiv(n_items, ipp) + dims.num_tasks
+            else:
+                n_pieces = _cdiv(n_items, ipp)
+            p_pad = n_pblocks * block_p
+            n_counters = dims.num_tasks * n_pblocks * H
+        else:
+            n_qblocks = ipp = n_pblocks = n_items = n_pieces = p_pad = n_counters = 0
+        self.prefix_split = (n_qblocks, ipp)
+        ws_size = n_pieces * H * p_pad * D
+        self.scratch_numel = 2 * n_rows + 2 * ws_size + n_counters  # int32 counters: one fp32 slot each
+        dlse_strides = tuple(dlse.stride()) if dlse is not None else (0, 0, 0)
+        self.pre_grid = (_cdiv(Lq, PREPROCESS_BLOCK_M), B * H)
+        self.pre_ints = (*out.stride(), *dout.stride(), *dlse_strides, H, Lq, n_rows, ws_size, n_counters)
+        self.pre_cx = dict(HEAD_DIM=D, BLOCK_D=cx["BLOCK_D"], BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None)
+        dq_strides = (Lq * H * D, H * D, D, 1)  # the grads are fresh contiguous tensors
+        dk_strides = (Lk * k.shape[2] * D, k.shape[2] * D, D, 1)
+        self.ints = (*strides, *dout.stride(), *dq_strides, *dk_strides, *dk_strides, *mask_strides, *sizes,
+                     scale * LOG2E, scale, keep_scale(dropout_p),
+                     B, n_rows, ws_size, p_pad, n_pblocks, n_qblocks, ipp, n_items, n_pieces, *tune)
+        self.cx = dict(cx, BLOCK_MP=PREFIX_GRAD_BLOCK_M)
+        n_prefix_programs = n_pieces * n_pblocks * H
+        n_bh = B * H
+
+        def grid(meta):
+            return (max(_cdiv(Lk, meta["BLOCK_N1"]), _cdiv(Lq, meta["BLOCK_M2"])) * n_bh + n_prefix_programs,)
+
+        self.grid = grid
+
+
+# (kind of call) -> _BackwardPlan; see _backward_plan.
+_BACKWARD_PLANS: dict = {}
+_MAX_BACKWARD_PLANS = 1024
+
+
+def _backward_plan(dout, dlse, q, k, v, out, prefix_k, prefix_v, mask, causal, softmax_scale, dropout_p,
+                   has_lens, rng_state, dims, items_per_piece) -> _BackwardPlan:
+    """The cached plan of this kind of call. The key holds everything the plan reads: shapes and
+    strides of every tensor whose strides it passes, dtype, device (its SM count), the options, and
+    torch's tf32 switch for fp32 inputs (the dots' precision)."""
+    key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), dout.stride(), out.stride(), q.dtype, q.device,
+           None if prefix_k is None else (prefix_k.shape, prefix_k.stride(), prefix_v.stride()),
+           None if mask is None else mask.stride(), None if dlse is None else dlse.stride(),
+           causal, softmax_scale, dropout_p, has_lens, items_per_piece,
+           q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+    plan = _BACKWARD_PLANS.get(key)
+    if plan is None:
+        if len(_BACKWARD_PLANS) >= _MAX_BACKWARD_PLANS:
+            _BACKWARD_PLANS.clear()
+        plan = _BACKWARD_PLANS[key] = _BackwardPlan(
+            q, k, v, dout, out, dlse, prefix_k, prefix_v, mask, causal, softmax_scale, dropout_p, has_lens,
+            rng_state, dims, items_per_piece)
+    return plan
+
+
 def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: AttnArgs, rng_state,
                        items_per_piece=None):
-    """The backward launches for inputs already validated."""
+    """The backward for inputs already validated: two launches (preprocess, then the sequence
+    and prefix-gradient programs), no host sync, nothing read back from the device.
+
+    Scratch (delta, lse, prefix partials, counters) is one allocation per call from torch's
+    stream-ordered caching allocator, and its counters are zeroed by the preprocess launch on the
+    same stream: so concurrent backwards on other streams never share counters, and a CUDA graph
+    replays the zeroing with the rest (no host-side reset, no persistent workspace to guard).
+    """
     prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims = args
-    B, Lq, H, D = q.shape
-    Lk = dims.seqlen_k
-    dq = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, Lk, H, D), dtype=k.dtype, device=q.device)
-    dv = torch.empty((B, Lk, H, D), dtype=v.dtype, device=q.device)
+    mask = attention_mask
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)  # see _mask_arg
+    plan = _backward_plan(dout, dlse, q, k, v, out, prefix_k, prefix_v, mask, causal, softmax_scale, dropout_p,
+                          prefix_lens is not None, rng_state, dims, items_per_piece)
+    device = q.device
+    q_shape, k_shape, v_shape, p_shape = plan.grad_shapes
+    dq = torch.empty(q_shape, dtype=q.dtype, device=device)
+    dk = torch.empty(k_shape, dtype=k.dtype, device=device)
+    dv = torch.empty(v_shape, dtype=v.dtype, device=device)
     dpk = dpv = None
-    if prefix_k is not None:
+    if p_shape is not None:
         # Two buffers: the custom op's outputs must not alias each other.
-        dpk = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=q.device)
-        dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=q.device)
-    if dq.numel() == 0 or Lk == 0:  # nothing attends: every gradient is zero (or empty)
+        dpk = torch.empty(p_shape, dtype=prefix_k.dtype, device=device)
+        dpv = torch.empty(p_shape, dtype=prefix_v.dtype, device=device)
+    if dq.numel() == 0 or dims.seqlen_k == 0:  # nothing attends: every gradient is zero (or empty)
         for g in (dq, dk, dv, dpk, dpv):
             if g is not None:
                 g.zero_()
         return dq, dk, dv, dpk, dpv
 
-    if dlse is not None:
-        # Autograd hands over the gradient of lse.sum() as a stride-0 expansion; the preprocess
-        # kernel indexes lse rows densely, and this tensor is only B * H * Lq floats.
-        dlse = dlse.float().contiguous()
-    delta, lse_log2 = torch.empty((2, B, H, Lq), dtype=torch.float32, device=q.device).unbind(0)
-    cx_d = dict(HEAD_DIM=D, BLOCK_D=max(16, _next_pow2(D)))
-    launcher(bwd_preprocess_kernel)((_cdiv(Lq, PREPROCESS_BLOCK_M), B * H), (
-        out, dout, lse, dlse if dlse is not None else lse, delta, lse_log2,
-        *out.stride(), *dout.stride(), H, Lq), dict(BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None, **cx_d))
-
-    pointers, strides, mask_strides, sizes, scale, cx, tune = _launch_common(
-        q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
-        dropout_p, rng_state, dims)
-    dropout_scale = keep_scale(dropout_p)
-    grid = lambda meta: (max(_cdiv(Lk, meta["BLOCK_N1"]), _cdiv(Lq, meta["BLOCK_M2"])), B * H)  # noqa: E731
-    launcher(bwd_seq_kernel)(grid, (
-        *pointers, dout, lse_log2, delta, dq, dk, dv,
-        *strides, *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(), *mask_strides, *sizes,
-        scale * LOG2E, scale, dropout_scale, *tune), cx)
-
-    if dims.has_prefix:
-        pk, pv = prefix_k, prefix_v
-        block_p = cx["BLOCK_P"]
-        n_qblocks, ipp, n_pieces, tables = _prefix_grad_plan(
-            dims, prefix_idx, q.device, PREFIX_GRAD_BLOCK_M, block_p, items_per_piece)
-        n_pblocks = _cdiv(dims.prefix_len, block_p)
-        p_pad = n_pblocks * block_p
-        ws_k, ws_v = torch.empty((2, n_pieces, H, p_pad, D), dtype=torch.float32, device=q.device).unbind(0)
+    scratch = torch.empty(plan.scratch_numel, dtype=torch.float32, device=device)
+    launcher(bwd_preprocess_kernel)(plan.pre_grid, (
+        out, dout, lse, dlse if dlse is not None else lse, scratch, *plan.pre_ints), plan.pre_cx)
+    if p_shape is not None:
+        tables = None
+        if dims.is_bank:
+            n_qblocks, ipp = plan.prefix_split
+            _, tables = _task_pieces(dims, prefix_idx, device, n_qblocks, ipp, every_task=True)
         tables = tables if tables is not None else (q,) * 4
-        cx_p = dict(HEAD_DIM=D, BLOCK_D=cx["BLOCK_D"], BLOCK_P=block_p, HAS_BANK=cx["HAS_BANK"])
-        launcher(prefix_grad_partial_kernel)((n_pieces, n_pblocks, H), (
-            q, pk, pv, dout, lse_log2, delta, pointers[6], pointers[8], *tables, ws_k, ws_v,
-            *q.stride(), *_prefix_strides(pk), *_prefix_strides(pv), *dout.stride(),
-            H, Lq, dims.prefix_len, p_pad, n_qblocks, ipp, B * n_qblocks, sizes[4], sizes[5],
-            scale * LOG2E, scale, dropout_scale), dict(
-            BLOCK_M=PREFIX_GRAD_BLOCK_M, HAS_PREFIX_LENS=cx["HAS_PREFIX_LENS"], HAS_DROPOUT=cx["HAS_DROPOUT"],
-            DOT_PRECISION=cx["DOT_PRECISION"], **cx_p,
-        ))
-        launcher(prefix_grad_reduce_kernel)((dims.num_tasks, n_pblocks, H), (
-            ws_k, ws_v, tables[2], dpk, dpv, *_prefix_strides(dpk), *_prefix_strides(dpv),
-            H, dims.prefix_len, p_pad, n_pieces), cx_p)
+    else:
+        tables = (q,) * 4
+        dpk = dpv = q  # never written: no prefix programs
+    dummy = q  # stands for absent optional tensors; never read by the kernels
+    launcher(bwd_kernel)(plan.grid, (
+        q, k, v, prefix_k if prefix_k is not None else dummy, prefix_v if prefix_v is not None else dummy,
+        prefix_idx if prefix_idx is not None else dummy, prefix_lens if prefix_lens is not None else dummy,
+        mask if mask is not None else dummy, rng_state if dropout_p > 0.0 else dummy,
+        dout, scratch, dq, dk, dv, *tables, dpk, dpv, *plan.ints), plan.cx)
+    if p_shape is None:
+        dpk = dpv = None
     return dq, dk, dv, dpk, dpv
 
 

@@ -17,15 +17,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 
-from csrc_triton.attn_bwd import BWD_GPU_CONFIGS, bwd_preprocess_kernel, bwd_seq_kernel
+from csrc_triton.attn_bwd import BWD_GPU_CONFIGS, bwd_kernel, bwd_preprocess_kernel
 from csrc_triton.attn_fwd import FWD_GPU_CONFIGS, prefix_attn_fwd_kernel
 from csrc_triton.decode import decode_merge_kernel, decode_prefix_kernel, decode_seq_kernel
 from csrc_triton.dropout_mask import dropout_mask_kernel
-from csrc_triton.prefix_grad import prefix_grad_partial_kernel, prefix_grad_reduce_kernel
 
 INT_ARGS = {"B", "H", "Lq", "Lk", "P", "P_pad", "TUNE_LQ", "TUNE_LK", "drop_groups_per_row", "keep_threshold",
             "n_query_blocks", "items_per_piece", "n_items", "n_pieces", "n_rows", "n_cols_prefix", "n_cols_seq",
-            "slots_per_split", "keys_per_split", "first_part", "n_parts"}
+            "slots_per_split", "keys_per_split", "first_part", "n_parts", "n_rows", "ws_size", "n_counters",
+            "n_pblocks", "n_prefix_query_blocks"}
 DEFAULT_MARK = " (default)"  # the config a launch uses without autotuning
 DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
@@ -118,7 +118,8 @@ def _attn_types(dtype):
             return "*i64"
         if name == "KEY_MASK":
             return "*u8"
-        if name in ("Lse", "LseLog2", "Delta", "dLse", "dPK_ws", "dPV_ws", "OutPart", "LsePart"):
+        if name in ("Lse", "LseLog2", "Delta", "dLse", "dPK_ws", "dPV_ws", "OutPart", "LsePart",
+                    "Scratch"):
             return "*fp32"
         if name in ("qk_scale", "softmax_scale", "dropout_scale"):
             return "fp32"
@@ -136,9 +137,14 @@ def _attn_constexprs(head_dim, block_p, dropout, bank, causal=True, key_mask=Tru
                 DOT_PRECISION="ieee")
 
 
+def _bwd_constexprs(cx):
+    """The backward kernel's constexprs: the attention ones and the prefix-gradient item rows
+    (prefix_attn.triton_launch.PREFIX_GRAD_BLOCK_M on a GPU)."""
+    return dict(cx, BLOCK_MP=64)
+
+
 KERNELS = {
-    "fwd": prefix_attn_fwd_kernel, "bwd_seq": bwd_seq_kernel, "prefix_grad_partial": prefix_grad_partial_kernel,
-    "prefix_grad_reduce": prefix_grad_reduce_kernel, "bwd_preprocess": bwd_preprocess_kernel,
+    "fwd": prefix_attn_fwd_kernel, "bwd": bwd_kernel, "bwd_preprocess": bwd_preprocess_kernel,
     "dropout_mask": dropout_mask_kernel, "decode_prefix": decode_prefix_kernel, "decode_seq": decode_seq_kernel,
     "decode_merge": decode_merge_kernel,
 }
@@ -171,27 +177,21 @@ def compile_specs(caps=(80, 90)):
                                   f"w{cfg.num_warps}s{cfg.num_stages}{DEFAULT_MARK if i == 0 else ''}"))
                 for i, cfg in enumerate(bwd):
                     k = cfg.kwargs
-                    specs.append(("bwd_seq", cap, dtype, {**cx, **k}, cfg.num_warps, cfg.num_stages,
+                    specs.append(("bwd", cap, dtype, {**_bwd_constexprs(cx), **k}, cfg.num_warps, cfg.num_stages,
                                   f"{dtype} d{head_dim} {k['BLOCK_M1']}x{k['BLOCK_N1']}/{k['BLOCK_M2']}x{k['BLOCK_N2']} "
                                   f"w{cfg.num_warps}s{cfg.num_stages}{DEFAULT_MARK if i == 0 else ''}"))
-                block_d = cx["BLOCK_D"]
-                for block_p in ((16, 64) if head_dim == 64 else (64,)):
-                    specs.append(("prefix_grad_partial", cap, dtype,
-                                  dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=block_p, BLOCK_M=64, HAS_BANK=False,
-                                       HAS_PREFIX_LENS=False, HAS_DROPOUT=False, DOT_PRECISION="ieee"),
-                                  4, 3, f"{dtype} d{head_dim} P-tile {block_p}"))
+                # The prefix-gradient programs at the largest prefix tile (the 16-slot one is above).
+                cfg = bwd[0]
+                specs.append(("bwd", cap, dtype, {**_bwd_constexprs(_attn_constexprs(head_dim, 64, False, False)),
+                                                  **cfg.kwargs}, cfg.num_warps, cfg.num_stages,
+                              f"{dtype} d{head_dim} P-tile 64{DEFAULT_MARK}"))
         for dtype in ("fp16", "bf16"):
             cx = _attn_constexprs(64, 64, dropout=True, bank=True)
             fcfg, bcfg = FWD_GPU_CONFIGS[0], BWD_GPU_CONFIGS[0]
             specs.append(("fwd", cap, dtype, {**cx, **fcfg.kwargs}, fcfg.num_warps, fcfg.num_stages,
                           f"{dtype} d64 dropout+bank+lens"))
-            specs.append(("bwd_seq", cap, dtype, {**cx, **bcfg.kwargs}, bcfg.num_warps, bcfg.num_stages,
-                          f"{dtype} d64 dropout+bank+lens"))
-            specs.append(("prefix_grad_partial", cap, dtype,
-                          dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_P=16, BLOCK_M=64, HAS_BANK=True, HAS_PREFIX_LENS=True,
-                               HAS_DROPOUT=True, DOT_PRECISION="ieee"), 4, 3, f"{dtype} d64 dropout+bank+lens"))
-            specs.append(("prefix_grad_reduce", cap, dtype, dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_P=64, HAS_BANK=True),
-                          4, 3, dtype))
+            specs.append(("bwd", cap, dtype, {**_bwd_constexprs(cx), **bcfg.kwargs}, bcfg.num_warps,
+                          bcfg.num_stages, f"{dtype} d64 dropout+bank+lens"))
             specs.append(("bwd_preprocess", cap, dtype, dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=128, HAS_DLSE=True),
                           4, 3, dtype))
         specs.append(("dropout_mask", cap, "fp32", dict(BLOCK_M=16, BLOCK_N=64), 4, 3, ""))

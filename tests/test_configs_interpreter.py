@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import prefix_attn.triton_launch as launch
-from csrc_triton.attn_bwd import BWD_GPU_CONFIGS, bwd_seq_kernel
+from csrc_triton.attn_bwd import BWD_GPU_CONFIGS, bwd_kernel
 from csrc_triton.attn_fwd import FWD_GPU_CONFIGS, prefix_attn_fwd_kernel
 from csrc_triton.common import INTERPRET
 from tests.helpers import Case, check_against_reference
@@ -28,10 +28,10 @@ GPU_DECODE_CONSTANTS = dict(DECODE_BLOCK_R=64, DECODE_BLOCK_N=64, DECODE_MIN_SPL
 @pytest.fixture
 def force(monkeypatch):
     """force(fwd_config, bwd_config, block_p, **launcher constants) for one test; restored after."""
-    saved = [(k, k.configs, dict(k.cache)) for k in (prefix_attn_fwd_kernel, bwd_seq_kernel)]
+    saved = [(k, k.configs, dict(k.cache)) for k in (prefix_attn_fwd_kernel, bwd_kernel)]
 
     def apply(fwd_config=None, bwd_config=None, block_p=None, **constants):
-        for kernel, config in ((prefix_attn_fwd_kernel, fwd_config), (bwd_seq_kernel, bwd_config)):
+        for kernel, config in ((prefix_attn_fwd_kernel, fwd_config), (bwd_kernel, bwd_config)):
             if config is not None:
                 kernel.configs = [config]
                 kernel.cache.clear()
@@ -40,6 +40,8 @@ def force(monkeypatch):
         for name, value in constants.items():
             assert hasattr(launch, name), name
             monkeypatch.setattr(launch, name, value)
+        # Backward plans hold the block constants they were built with: build new ones.
+        monkeypatch.setattr(launch, "_BACKWARD_PLANS", {})
 
     yield apply
     for kernel, configs, cache in saved:
@@ -73,7 +75,7 @@ def test_every_gpu_config_in_the_interpreter(force, index):
     check_against_reference(case, torch.float32, "triton", with_dlse=index % 2 == 0)
     # The forced configs are what ran (pruning keeps the only config left, whatever it prunes).
     assert prefix_attn_fwd_kernel.best_config.kwargs == fwd.kwargs
-    assert bwd_seq_kernel.best_config.kwargs == bwd.kwargs
+    assert bwd_kernel.best_config.kwargs == bwd.kwargs
 
 
 def test_every_config_is_covered():

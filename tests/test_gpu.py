@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from csrc_triton.attn_bwd import BWD_GPU_CONFIGS, bwd_seq_kernel
+from csrc_triton.attn_bwd import BWD_GPU_CONFIGS, bwd_kernel
 from csrc_triton.attn_fwd import FWD_GPU_CONFIGS, prefix_attn_fwd_kernel
 from prefix_attn import prefix_attn_func
 from prefix_attn.reference import prefix_attn_ref
@@ -37,7 +37,7 @@ def test_gpt2_shape_bf16():
 @pytest.fixture
 def one_config():
     """Force the autotuned kernels to one config at a time; restore afterwards."""
-    saved = [(k, k.configs, dict(k.cache)) for k in (prefix_attn_fwd_kernel, bwd_seq_kernel)]
+    saved = [(k, k.configs, dict(k.cache)) for k in (prefix_attn_fwd_kernel, bwd_kernel)]
 
     def force(kernel, config):
         kernel.configs = [config]
@@ -54,7 +54,7 @@ def one_config():
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_every_config(one_config, index, head_dim):
     one_config(prefix_attn_fwd_kernel, FWD_GPU_CONFIGS[index % len(FWD_GPU_CONFIGS)])
-    one_config(bwd_seq_kernel, BWD_GPU_CONFIGS[index % len(BWD_GPU_CONFIGS)])
+    one_config(bwd_kernel, BWD_GPU_CONFIGS[index % len(BWD_GPU_CONFIGS)])
     check_against_reference(Case(P=40, B=2, Lq=200, Lk=260, H=2, D=head_dim, mask="left"), torch.float16, "triton")
 
 
