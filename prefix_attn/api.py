@@ -89,14 +89,17 @@ def prefix_attn_func(
     Every query attends to the P prefix key/value slots of its task (prefix tuning's per-layer
     prefix, shared by the batch) and to its own sequence's keys. Neither the batch-expanded prefix
     nor [prefix; keys] is ever materialised, forward or backward; the gradient of the prefix is
-    reduced over the batch (per task for a bank) inside the op.
+    reduced over the batch (per task for a bank) inside the op, and the gradients of k, v and the
+    prefix over each group of query heads.
 
     Args:
         q: (batch, seqlen_q, heads, head_dim). Query i sits at key position seqlen_k - seqlen_q + i
             (bottom-right alignment: training, prefill and decoding with a cache alike).
-        k, v: (batch, seqlen_k, heads, head_dim), seqlen_q <= seqlen_k.
-        prefix_k, prefix_v: None (plain attention), (P, heads, head_dim) shared by the batch, or a
-            bank (T, P, heads, head_dim) of T task prefixes.
+        k, v: (batch, seqlen_k, kv_heads, head_dim), seqlen_q <= seqlen_k. kv_heads divides heads
+            (grouped heads, GQA; MQA with kv_heads = 1): query head h reads KV head
+            h // (heads // kv_heads), as in FlashAttention. The KV heads are never repeated in memory.
+        prefix_k, prefix_v: None (plain attention), (P, kv_heads, head_dim) shared by the batch, or a
+            bank (T, P, kv_heads, head_dim) of T task prefixes.
         prefix_idx: (batch,) integer, each sequence's task in the bank (required with a bank).
         prefix_lens: (T,) integer, optional: task t uses only its first prefix_lens[t] slots
             ((1,) for a shared prefix).
