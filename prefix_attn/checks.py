@@ -177,9 +177,9 @@ def check_attention_inputs(
 
 
 def refuse_grouped_heads(dims: AttnDims, backend: str) -> None:
-    """Grouped KV heads are accepted by the checks and the reference; a backend that does not
-    compute them yet refuses them here, before any work."""
-    if dims.kv_heads != dims.heads:
+    """Grouped KV heads are accepted by the checks, the reference and backend "torch"; "triton",
+    which does not compute them yet, refuses them here, before any work."""
+    if backend == "triton" and dims.kv_heads != dims.heads:
         raise ValueError(f"k and v have {dims.kv_heads} heads and q has {dims.heads}: grouped KV heads are not "
                          f"supported by backend={backend!r} yet")
 

@@ -3,7 +3,13 @@
 Same contract and same numerics as the Triton backend (fp32 math, the same dropout mask bit for
 bit), forward and backward written out explicitly so that both backends share one autograd and
 custom-op path. It never builds the batch-expanded prefix: prefix scores are an einsum against
-the (P, H, D) block, and a bank is handled task by task over the rows that use each task.
+the (P, Hkv, D) block, and a bank is handled task by task over the rows that use each task.
+
+Grouped KV heads (k, v, prefix with Hkv heads, H = Hkv * G query heads; query head h reads KV head
+h // G): KV heads are never expanded. The G query heads of a KV head are laid out as G * rows of
+one GEMM against that KV head (q (B, H, c, D) seen as (B, Hkv, G * c, D): the same memory order),
+so dK, dV and the prefix gradients come out summed over each group by the GEMMs themselves.
+Scores, the dropout mask, lse and delta stay per query head (B, H, c, .).
 
 Two paths:
 - CPU tensors without dropout (inference, and training without attention dropout): the sequence's
@@ -28,12 +34,12 @@ CHUNK_ELEMENTS = 1 << 24
 
 
 class _Prefix:
-    """The prefix of one call in fp32, (T, H, P, D), with each task's batch rows."""
+    """The prefix of one call in fp32, (T, Hkv, P, D), with each task's batch rows."""
 
     def __init__(self, prefix_k, prefix_v, prefix_idx, prefix_lens, dims: AttnDims, device):
         self.P = dims.prefix_len
-        self.k = prefix_k.float().reshape(-1, self.P, dims.heads, dims.head_dim).transpose(1, 2)
-        self.v = prefix_v.float().reshape(-1, self.P, dims.heads, dims.head_dim).transpose(1, 2)
+        self.k = prefix_k.float().reshape(-1, self.P, dims.kv_heads, dims.head_dim).transpose(1, 2)
+        self.v = prefix_v.float().reshape(-1, self.P, dims.kv_heads, dims.head_dim).transpose(1, 2)
         if dims.is_bank:
             idx = prefix_idx.to(torch.int64)
             self.groups = [(t, (idx == t).nonzero().flatten()) for t in torch.unique(idx).tolist()]
@@ -64,7 +70,7 @@ class _Prefix:
         return result
 
     def reduce(self, a, b, fn):
-        """Sum fn(a_rows, b_rows) over each task's rows: (T, H, P, D) prefix-shaped result."""
+        """Sum fn(a_rows, b_rows) over each task's rows: (T, Hkv, P, D) prefix-shaped result."""
         result = self.k.new_zeros(self.k.shape)
         for t, rows in self.groups:
             result[t] = fn(a, b) if rows is None else fn(a[rows], b[rows])
@@ -86,11 +92,44 @@ def _keep(rng, dropout_p: float, dims: AttnDims, rows: slice, device) -> torch.T
     return mask.reshape(B, H, rows.stop - rows.start, -1)
 
 
+def _grouped(x, dims: AttnDims):
+    """(n, H, c, X) per query head -> (n, Hkv, G * c, X): the G query heads of each KV head as rows of
+    one GEMM against that head (query head h = kv * G + g: the same memory order, so a view when x is
+    laid out (n, H, c, X) with c * X contiguous, else a copy of x; never of K or V)."""
+    n, _, c, X = x.shape
+    return x.reshape(n, dims.kv_heads, dims.group_size * c, X)
+
+
+def _per_query_head(y, dims: AttnDims):
+    """(n, Hkv, G * c, X) -> (n, H, c, X), the inverse of _grouped."""
+    n, _, rows, X = y.shape
+    return y.reshape(n, dims.heads, rows // dims.group_size, X)
+
+
+def _gemm_kv(x, kv, dims: AttnDims):
+    """x (n, H, c, X) per query head times each one's KV head kv (n, Hkv, X, Y) -> (n, H, c, Y)."""
+    return _per_query_head(torch.matmul(_grouped(x, dims), kv), dims)
+
+
+def _gemm_prefix(x, prefix_kv, dims: AttnDims, transpose: bool):
+    """x (n, H, c, X) per query head times its KV head's prefix block (Hkv, P, D) (transposed: (Hkv, D, P))
+    -> (n, H, c, Y). An einsum, not torch.matmul: matmul broadcasts the prefix over n by expanding it and
+    copying the expansion (the batch-expanded prefix this backend never builds); the einsum folds n into
+    the GEMM rows instead."""
+    equation = "nhrx,hyx->nhry" if transpose else "nhrx,hxy->nhry"
+    return _per_query_head(torch.einsum(equation, _grouped(x, dims), prefix_kv), dims)
+
+
+def _reduce_prefix_grad(a, b, dims: AttnDims):
+    """sum over rows of a^T b for a (n, H, c, P), b (n, H, c, D) -> (Hkv, P, D), summed over each group."""
+    return torch.einsum("nhrp,nhrd->hpd", _grouped(a, dims), _grouped(b, dims))
+
+
 def _probs(qc, kf, prefix: Optional[_Prefix], key_ok, causal, scale, dims: AttnDims, rows: slice, lse=None):
     """Scores of the query chunk against [prefix; keys] -> (p (B, H, c, P + Lk), lse (B, H, c))."""
     B, H = dims.batch, dims.heads
     c = rows.stop - rows.start
-    s_seq = torch.matmul(qc, kf.transpose(-1, -2)) * scale
+    s_seq = _gemm_kv(qc, kf.transpose(-1, -2), dims) * scale
     visible = torch.ones((1, 1, c, dims.seqlen_k), dtype=torch.bool, device=qc.device)
     if key_ok is not None:
         visible = visible & key_ok[:, None, None, :]
@@ -99,7 +138,7 @@ def _probs(qc, kf, prefix: Optional[_Prefix], key_ok, causal, scale, dims: AttnD
         visible = visible & (torch.arange(dims.seqlen_k, device=qc.device)[None, :] <= qpos[:, None])
     s_seq = s_seq.masked_fill(~visible, float("-inf"))
     if prefix is not None:
-        s_pre = prefix.apply(qc, lambda x, t: torch.matmul(x, prefix.k[t].transpose(-1, -2)) * scale,
+        s_pre = prefix.apply(qc, lambda x, t: _gemm_prefix(x, prefix.k[t], dims, transpose=True) * scale,
                              (B, H, c, prefix.P))
         if prefix.slot_ok is not None:
             s_pre = s_pre.masked_fill(~prefix.slot_ok[:, None, None, :], float("-inf"))
@@ -151,28 +190,30 @@ def _prefix_rows(dims: AttnDims) -> int:
     return max(16, min(dims.head_dim // 2, 2 * dims.prefix_len))
 
 
-def _heads_major(x, rows: slice, batch_rows):
-    """The (B, H, L, X) chunk x[batch_rows, :, rows] as (H, n * c, X), one GEMM batch per head: a copy,
-    or a view of x when the layout allows (read it, never write to it)."""
+def _heads_major(x, rows: slice, batch_rows, dims: AttnDims):
+    """The (B, H, L, X) chunk x[batch_rows, :, rows] as (Hkv, n * G * c, X), one GEMM batch per KV head
+    (rows ordered (n, g, c)): a copy, or a view of x when the layout allows (read it, never write to it)."""
     chunk = x[:, :, rows] if batch_rows is None else x[batch_rows][:, :, rows]
-    return chunk.transpose(0, 1).reshape(chunk.shape[1], -1, chunk.shape[-1])
+    chunk = chunk.unflatten(1, (dims.kv_heads, dims.group_size))  # (n, Hkv, G, c, X)
+    return chunk.transpose(0, 1).reshape(dims.kv_heads, -1, chunk.shape[-1])
 
 
-def _write_heads_major(dst, rows: slice, batch_rows, y, accumulate=False):
-    """dst[batch_rows, :, rows] = y (or += y), y an (H, n * c, X) tile laid out as _heads_major makes it."""
-    H, _, X = y.shape
-    y = y.view(H, -1, rows.stop - rows.start, X).transpose(0, 1)  # (n, H, c, X)
+def _write_heads_major(dst, rows: slice, batch_rows, y, dims: AttnDims, accumulate=False):
+    """dst[batch_rows, :, rows] = y (or += y), y an (Hkv, n * G * c, X) tile laid out as _heads_major makes it."""
+    X = y.shape[-1]
+    y = y.view(dims.kv_heads, -1, dims.group_size, rows.stop - rows.start, X).transpose(0, 1)  # (n, Hkv, G, c, X)
     if batch_rows is None:
-        target = dst[:, :, rows]
+        target = dst[:, :, rows].unflatten(1, (dims.kv_heads, dims.group_size))
         target.add_(y) if accumulate else target.copy_(y)
         return
     # A task's batch rows are distinct, so index_put (with accumulate or not) is exact.
     index = (batch_rows[:, None], torch.arange(rows.start, rows.stop, device=dst.device)[None, :])
-    dst.transpose(1, 2).index_put_(index, y.transpose(1, 2), accumulate=accumulate)
+    dst.transpose(1, 2).unflatten(2, (dims.kv_heads, dims.group_size)).index_put_(
+        index, y.permute(0, 3, 1, 2, 4), accumulate=accumulate)
 
 
 def _task_prefix_scores(qh, prefix: _Prefix, task: int, scale):
-    """Scores (H, n, P) of an (H, n, D) heads-major query tile against its task's prefix slots; slots
+    """Scores (Hkv, n, P) of an (Hkv, n, D) heads-major query tile against its task's prefix slots; slots
     past the task's prefix_lens at -inf."""
     s_pre = torch.matmul(qh, prefix.k[task].transpose(-1, -2)).mul_(scale)
     if prefix.task_slot_ok is not None:
@@ -196,14 +237,14 @@ def _forward_fused_cpu(q, k, v, prefix: Optional[_Prefix], key_ok, causal, scale
         for start in range(0, dims.seqlen_q, step):
             rows = slice(start, min(start + step, dims.seqlen_q))
             for task, batch_rows in prefix.groups:
-                lse_own = _heads_major(lse[..., None], rows, batch_rows)[..., 0]  # (H, n)
-                s_pre = _task_prefix_scores(_heads_major(qf, rows, batch_rows), prefix, task, scale)
+                lse_own = _heads_major(lse[..., None], rows, batch_rows, dims)[..., 0]  # (Hkv, n)
+                s_pre = _task_prefix_scores(_heads_major(qf, rows, batch_rows, dims), prefix, task, scale)
                 lse_all = torch.logaddexp(lse_own, torch.logsumexp(s_pre, dim=-1))
                 safe = torch.where(torch.isneginf(lse_all), 0.0, lse_all)
-                o_pre = torch.matmul(s_pre.sub_(safe[..., None]).exp_(), prefix.v[task])  # (H, n, D)
-                merged = o_pre.addcmul_(_heads_major(out, rows, batch_rows), torch.exp(lse_own - safe)[..., None])
-                _write_heads_major(out, rows, batch_rows, merged)
-                _write_heads_major(lse[..., None], rows, batch_rows, lse_all[..., None])
+                o_pre = torch.matmul(s_pre.sub_(safe[..., None]).exp_(), prefix.v[task])  # (Hkv, n, D)
+                merged = o_pre.addcmul_(_heads_major(out, rows, batch_rows, dims), torch.exp(lse_own - safe)[..., None])
+                _write_heads_major(out, rows, batch_rows, merged, dims)
+                _write_heads_major(lse[..., None], rows, batch_rows, lse_all[..., None], dims)
     # Contiguous (B, Lq, H, D), as the custom op's fake promises (a copy only if the kernel's layout differs).
     return out.transpose(1, 2).contiguous().to(q.dtype), lse
 
@@ -227,13 +268,14 @@ def _backward_fused_cpu(dout, q, k, v, out, lse, prefix: Optional[_Prefix], key_
         for start in range(0, dims.seqlen_q, step):
             rows = slice(start, min(start + step, dims.seqlen_q))
             for task, batch_rows in prefix.groups:
-                qh, doh = _heads_major(qf, rows, batch_rows), _heads_major(dof, rows, batch_rows)
-                delta = (doh * _heads_major(of, rows, batch_rows)).sum(-1)  # (H, n)
-                lse_h = _heads_major(safe[..., None], rows, batch_rows)[..., 0]
+                qh, doh = _heads_major(qf, rows, batch_rows, dims), _heads_major(dof, rows, batch_rows, dims)
+                delta = (doh * _heads_major(of, rows, batch_rows, dims)).sum(-1)  # (Hkv, n)
+                lse_h = _heads_major(safe[..., None], rows, batch_rows, dims)[..., 0]
                 p_pre = _task_prefix_scores(qh, prefix, task, scale).sub_(lse_h[..., None]).exp_()
                 ds_pre = torch.matmul(doh, prefix.v[task].transpose(-1, -2)).sub_(delta[..., None]).mul_(p_pre)
                 _write_heads_major(dq, rows, batch_rows, torch.matmul(ds_pre, prefix.k[task]).mul_(scale),
-                                   accumulate=True)
+                                   dims, accumulate=True)
+                # (Hkv, P, D): the GEMM over the group's rows sums its query heads.
                 dpk[task].baddbmm_(ds_pre.transpose(-1, -2), qh)
                 dpv[task].baddbmm_(p_pre.transpose(-1, -2), doh)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dpk, dpv
@@ -251,7 +293,7 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, atte
     scale = default_scale(dims.head_dim, softmax_scale)
     if _use_fused_cpu_kernel(q, dims, dropout_p):
         return _forward_fused_cpu(q, k, v, prefix, key_ok, causal, scale, dims)
-    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # (B, H, L, D)
+    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # (B, H, Lq, D), (B, Hkv, Lk, D)
     out = torch.empty((dims.batch, dims.heads, dims.seqlen_q, dims.head_dim), dtype=torch.float32, device=q.device)
     lse = torch.empty((dims.batch, dims.heads, dims.seqlen_q), dtype=torch.float32, device=q.device)
     chunk = _chunk_rows(dims)
@@ -261,9 +303,10 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, atte
         p, lse[:, :, rows] = _probs(qf[:, :, rows], kf, prefix, key_ok, causal, scale, dims, rows)
         if dropout_p > 0.0:
             p = p * (_keep(rng_state, dropout_p, dims, rows, q.device) * keep_scale(dropout_p))
-        o = torch.matmul(p[..., P:], vf)
+        o = _gemm_kv(p[..., P:], vf, dims)
         if prefix is not None:
-            o = o + prefix.apply(p[..., :P], lambda x, t: torch.matmul(x, prefix.v[t]), o.shape)
+            o = o + prefix.apply(p[..., :P], lambda x, t: _gemm_prefix(x, prefix.v[t], dims, transpose=False),
+                                 o.shape)
         out[:, :, rows] = o
     # Contiguous (B, Lq, H, D), as the custom op's fake promises: torch.compile plans views on it.
     return out.transpose(1, 2).contiguous().to(q.dtype), lse
@@ -279,7 +322,7 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix
         dq, dk, dv, dpk, dpv = _backward_fused_cpu(dout, q, k, v, out, lse, prefix, key_ok, causal, scale, dims)
         dq, dk, dv = (g.contiguous().to(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
         return (dq, dk, dv, *_prefix_grads(dpk, dpv, prefix_k, prefix_v, scale))
-    qf, kf, vf, dof, of = (x.float().transpose(1, 2) for x in (q, k, v, dout, out))
+    qf, kf, vf, dof, of = (x.float().transpose(1, 2) for x in (q, k, v, dout, out))  # k, v: (B, Hkv, Lk, D)
     delta = (dof * of).sum(-1)
     if dlse is not None:
         delta = delta - dlse.float()
@@ -298,9 +341,9 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix
         c = rows.stop - rows.start
         qc, doc = qf[:, :, rows], dof[:, :, rows]
         p, _ = _probs(qc, kf, prefix, key_ok, causal, scale, dims, rows, lse=lse[:, :, rows].float())
-        dp_seq = torch.matmul(doc, vf.transpose(-1, -2))
+        dp_seq = _gemm_kv(doc, vf.transpose(-1, -2), dims)
         if prefix is not None:
-            dp_pre = prefix.apply(doc, lambda x, t: torch.matmul(x, prefix.v[t].transpose(-1, -2)), (B, H, c, P))
+            dp_pre = prefix.apply(doc, lambda x, t: _gemm_prefix(x, prefix.v[t], dims, transpose=True), (B, H, c, P))
             dp = torch.cat([dp_pre, dp_seq], dim=-1)
         else:
             dp = dp_seq
@@ -310,14 +353,16 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix
             p_kept = p * keep
             dp = dp * keep
         ds = p * (dp - delta[:, :, rows, None])
-        dq_c = torch.matmul(ds[..., P:], kf)
-        dk += torch.matmul(ds[..., P:].transpose(-1, -2), qc)
-        dv += torch.matmul(p_kept[..., P:].transpose(-1, -2), doc)
+        dq_c = _gemm_kv(ds[..., P:], kf, dims)
+        # dK, dV (B, Hkv, Lk, D): the GEMM over the group's G * c rows sums the group's query heads.
+        dk += torch.matmul(_grouped(ds[..., P:], dims).transpose(-1, -2), _grouped(qc, dims))
+        dv += torch.matmul(_grouped(p_kept[..., P:], dims).transpose(-1, -2), _grouped(doc, dims))
         if prefix is not None:
             ds_pre, pk_pre = ds[..., :P], p_kept[..., :P]
-            dq_c = dq_c + prefix.apply(ds_pre, lambda x, t: torch.matmul(x, prefix.k[t]), dq_c.shape)
-            dpk += prefix.reduce(ds_pre, qc, lambda a, b: torch.einsum("bhcp,bhcd->hpd", a, b))
-            dpv += prefix.reduce(pk_pre, doc, lambda a, b: torch.einsum("bhcp,bhcd->hpd", a, b))
+            dq_c = dq_c + prefix.apply(ds_pre, lambda x, t: _gemm_prefix(x, prefix.k[t], dims, transpose=False),
+                                       dq_c.shape)
+            dpk += prefix.reduce(ds_pre, qc, lambda a, b: _reduce_prefix_grad(a, b, dims))
+            dpv += prefix.reduce(pk_pre, doc, lambda a, b: _reduce_prefix_grad(a, b, dims))
         dq[:, :, rows] = dq_c
     dq = (dq * scale).transpose(1, 2).contiguous().to(q.dtype)
     dk = (dk * scale).transpose(1, 2).contiguous().to(k.dtype)
@@ -326,7 +371,7 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, prefix
 
 
 def _prefix_grads(dpk, dpv, prefix_k, prefix_v, scale):
-    """The prefix gradients (T, H, P, D) fp32 (dpk still unscaled) in the prefix's shape and dtype."""
+    """The prefix gradients (T, Hkv, P, D) fp32 (dpk still unscaled) in the prefix's shape and dtype."""
     if dpk is not None:
         dpk = (dpk * scale).transpose(1, 2).reshape(prefix_k.shape).to(prefix_k.dtype)
         dpv = dpv.transpose(1, 2).reshape(prefix_v.shape).to(prefix_v.dtype)
