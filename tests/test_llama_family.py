@@ -155,7 +155,8 @@ def test_prefix_tuning_one_task_equals_peft():
     assert k0.shape == v0.shape == (P, 2, 16)
     ids, mask = make_batch("left", batch=3, length=7)
     labels = ids.masked_fill(mask == 0, -100)
-    out_ref, out = ref(input_ids=ids, attention_mask=mask, labels=labels), tuned(ids, attention_mask=mask, labels=labels)
+    out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    out = tuned(ids, attention_mask=mask, labels=labels)
     out_ref.loss.backward()
     out.loss.backward()
     assert_close(out.loss, out_ref.loss, 2e-5, "loss")
@@ -229,6 +230,8 @@ def test_plain_patch_matches_eager_and_is_selectable_by_name(kind, tmp_path):
     torch.manual_seed(0)
     got = ours.generate(input_ids=ids[:, :4], max_new_tokens=4, do_sample=False)
     assert torch.equal(got, ref.generate(input_ids=ids[:, :4], max_new_tokens=4, do_sample=False))
+    static = ours.generate(input_ids=ids[:, :4], max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, got)
     assert revert_prefix_attn(ours) is ours and ours.config._attn_implementation == "eager"
 
 
