@@ -176,7 +176,7 @@ def make_batch(padding=None, batch=3, length=9, seed=0, device="cpu", vocab=VOCA
 
 
 class OpSpy:
-    """Records what each call of the fused op receives from the GPT-2 attention function, then runs it.
+    """Records what each call of the fused op receives from the attention function, then runs it.
 
     Each call is a dict: q, k, prefix_k, prefix_v (shapes, None when absent), k_ptr (k's data pointer:
     a static cache's buffer is handed over as a view), prefix_idx (a list or None), mask (a clone or
@@ -184,11 +184,11 @@ class OpSpy:
     """
 
     def __init__(self, monkeypatch):
-        import prefix_attn.integrations.gpt2 as gpt2_integration
+        import prefix_attn.integrations.hf_attention as hf_attention
 
         self.calls = []
-        self._op = gpt2_integration.prefix_attn_func
-        monkeypatch.setattr(gpt2_integration, "prefix_attn_func", self)
+        self._op = hf_attention.prefix_attn_func
+        monkeypatch.setattr(hf_attention, "prefix_attn_func", self)
 
     def __call__(self, q, k, v, prefix_k=None, prefix_v=None, **kwargs):
         mask, idx = kwargs.get("attention_mask"), kwargs.get("prefix_idx")
@@ -205,17 +205,17 @@ class OpSpy:
 
 @contextlib.contextmanager
 def reference_attention():
-    """Inside: the GPT-2 attention function runs prefix_attn_ref (expanded prefix, concatenation,
+    """Inside: the attention function (every model) runs prefix_attn_ref (expanded prefix, concatenation,
     explicit mask) instead of the fused op: with use_cache=False that is the ground truth a route's
     generate() must reproduce."""
-    import prefix_attn.integrations.gpt2 as gpt2_integration
+    import prefix_attn.integrations.hf_attention as hf_attention
 
-    saved = gpt2_integration.prefix_attn_func
-    gpt2_integration.prefix_attn_func = lambda *args, backend=None, **kwargs: prefix_attn_ref(*args, **kwargs)
+    saved = hf_attention.prefix_attn_func
+    hf_attention.prefix_attn_func = lambda *args, backend=None, **kwargs: prefix_attn_ref(*args, **kwargs)
     try:
         yield
     finally:
-        gpt2_integration.prefix_attn_func = saved
+        hf_attention.prefix_attn_func = saved
 
 
 def no_cache_generate(model, seed=123, **kwargs):

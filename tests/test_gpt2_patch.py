@@ -7,10 +7,9 @@ and still catches any masking or scaling error (those move logits by 1e-2 or mor
 """
 import pytest
 import torch
-from transformers import (DynamicCache, GPT2Config, GPT2DoubleHeadsModel, GPT2ForSequenceClassification,
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache, GPT2Config, GPT2DoubleHeadsModel, GPT2ForSequenceClassification,
                           GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaForCausalLM)
 from transformers.masking_utils import AttentionMaskInterface
-from transformers.models.gpt2.modeling_gpt2 import GPT2PreTrainedModel
 
 import prefix_attn
 from prefix_attn import apply_prefix_attn_to_gpt2, revert_prefix_attn_to_gpt2
@@ -241,20 +240,26 @@ def test_apply_to_a_model_is_repeatable_and_reverts():
     assert model.config._attn_implementation == "eager"
 
 
-@pytest.mark.parametrize("cls", [GPT2LMHeadModel, GPT2DoubleHeadsModel, GPT2ForSequenceClassification, GPT2Model])
-def test_default_for_models_built_afterwards(cls):
-    assert "__init__" not in GPT2PreTrainedModel.__dict__
+@pytest.mark.parametrize("cls, auto", [(GPT2LMHeadModel, AutoModelForCausalLM),
+                                       (GPT2ForSequenceClassification, AutoModelForSequenceClassification)])
+def test_registration_makes_the_name_selectable_without_touching_model_classes(cls, auto, tmp_path):
+    classes = (cls, *cls.__mro__)
+    before = {klass: dict(vars(klass)) for klass in classes if klass.__module__.startswith("transformers")}
     try:
         apply_prefix_attn_to_gpt2()
         apply_prefix_attn_to_gpt2()  # repeatable
-        assert cls(tiny_config()).config._attn_implementation == ATTN
-        assert cls(tiny_config("eager")).config._attn_implementation == "eager"  # an explicit request wins
-        # Cross-attention GPT-2 is not supported: such models keep transformers' default.
-        assert cls(tiny_config(add_cross_attention=True)).config._attn_implementation != ATTN
+        assert {klass: dict(vars(klass)) for klass in before} == before  # no class attribute replaced
+        assert auto.from_config(tiny_config(), attn_implementation=ATTN).config._attn_implementation == ATTN
+        cls(tiny_config()).save_pretrained(tmp_path)
+        loaded = cls.from_pretrained(tmp_path, attn_implementation=ATTN)
+        assert loaded.config._attn_implementation == ATTN
+        assert cls(tiny_config()).config._attn_implementation != ATTN  # nothing requested: transformers' default
     finally:
         revert_prefix_attn_to_gpt2()
-    assert "__init__" not in GPT2PreTrainedModel.__dict__
-    assert cls(tiny_config()).config._attn_implementation != ATTN
+    with pytest.raises(ValueError, match=ATTN):  # unregistered: transformers refuses the name again
+        auto.from_config(tiny_config(), attn_implementation=ATTN)
+    with pytest.raises(KeyError, match=ATTN):  # a model still set to it fails loudly, never silently
+        loaded(input_ids=torch.tensor([[1, 2]]))
     revert_prefix_attn_to_gpt2()  # repeatable
 
 

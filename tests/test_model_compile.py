@@ -83,3 +83,23 @@ def test_compiled_packed_rows_are_refused_at_run_time():
             compiled(ids, position_ids=positions, use_cache=False)
         with pytest.raises(ValueError, match="packed sequences"):  # eagerly, transformers finds the packing
             model(ids, position_ids=positions, use_cache=False)
+
+
+def test_compiled_llama_without_a_mask_equals_eager():
+    """The generic patch on a grouped-heads Llama: fullgraph compile without a mask (the traced
+    packed-sequence check) gives eager's logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefix_attn import apply_prefix_attn
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    model = apply_prefix_attn(LlamaForCausalLM(config).eval())
+    ids, _ = make_batch()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled(ids, use_cache=False).logits
+        want = model(ids, use_cache=False).logits
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)

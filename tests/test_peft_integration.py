@@ -15,9 +15,9 @@ import torch
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM  # noqa: E402
 
-import prefix_attn.integrations.gpt2 as gpt2_integration  # noqa: E402
+import prefix_attn.integrations.hf_attention as hf_attention  # noqa: E402
 from prefix_attn import apply_prefix_attn_to_peft  # noqa: E402
 from prefix_attn.reference import prefix_attn_ref  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
@@ -45,7 +45,7 @@ def peft_pair(projection, seed=0, dtype=torch.float32, device="cpu", **overrides
     ref = get_peft_model(base, config).to(device, dtype)
     ours = apply_prefix_attn_to_peft(copy.deepcopy(ref))
     assert ref.get_base_model().config._attn_implementation == "eager"
-    assert ours.get_base_model().config._attn_implementation == gpt2_integration.ATTN_IMPLEMENTATION
+    assert ours.get_base_model().config._attn_implementation == hf_attention.ATTN_IMPLEMENTATION
     return ref, ours
 
 
@@ -82,7 +82,7 @@ def _reference_op(*args, backend=None, **kwargs):
 @pytest.mark.parametrize("padding", [None, "right", "left"])
 @pytest.mark.parametrize("projection", [False, True])
 def test_routing_equals_peft_exactly_in_float64(monkeypatch, projection, padding):
-    monkeypatch.setattr(gpt2_integration, "prefix_attn_func", _reference_op)
+    monkeypatch.setattr(hf_attention, "prefix_attn_func", _reference_op)
     ref, ours = peft_pair(projection, dtype=torch.float64)
     ids, mask = make_batch(padding)
     assert_runs_equal(run(ours, ids, mask), run(ref, ids, mask), tol=1e-10)
@@ -263,13 +263,14 @@ def test_bad_models_are_refused_and_left_unchanged():
         apply_prefix_attn_to_peft(lora)
     assert "forward" not in lora.__dict__
     assert lora.get_base_model().config._attn_implementation == "eager"
-    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=VOCAB))
-    llama_prefix = get_peft_model(llama, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
-    before = llama.config._attn_implementation
-    with pytest.raises(TypeError, match="GPT-2"):
-        apply_prefix_attn_to_peft(llama_prefix)
-    assert "forward" not in llama_prefix.__dict__ and llama.config._attn_implementation == before
+    mistral = MistralForCausalLM(MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, num_key_value_heads=2, vocab_size=VOCAB,
+                                               sliding_window=16))
+    mistral_prefix = get_peft_model(mistral, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    before = mistral.config._attn_implementation
+    with pytest.raises(ValueError, match="sliding-window"):
+        apply_prefix_attn_to_peft(mistral_prefix)
+    assert "forward" not in mistral_prefix.__dict__ and mistral.config._attn_implementation == before
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import (GPT2Config, GPT2DoubleHeadsModel, GPT2ForSequenceClassification, GPT2LMHeadModel,
-                          LlamaConfig, LlamaForCausalLM)
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM)
 
 import prefix_attn.integrations.gpt2 as gpt2_integration
 from prefix_attn import PrefixTuning
@@ -212,8 +212,8 @@ def test_save_and_load_prefix(tmp_path, num_tasks, projection_dim):
         metadata = handle.metadata()
         assert list(handle.keys()) == ["prefix"]
     assert metadata == {"format": "prefix_attn.prefix", "format_version": "1", "model_type": "gpt2", "n_layer": "2",
-                        "n_head": "2", "head_dim": "16", "n_embd": "32", "num_virtual_tokens": str(P),
-                        "num_tasks": str(num_tasks)}
+                        "n_head": "2", "n_kv_head": "2", "head_dim": "16", "n_embd": "32",
+                        "num_virtual_tokens": str(P), "num_tasks": str(num_tasks)}
     loaded = PrefixTuning.load_prefix(tiny_model(), path)
     assert loaded.num_tasks == num_tasks and loaded.num_virtual_tokens == P
     ids, mask = make_batch("left")
@@ -244,9 +244,25 @@ def test_load_prefix_refuses_other_files_and_models(tmp_path):
     PrefixTuning(tiny_model(), P).save_prefix(good)
     llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=VOCAB))
-    with pytest.raises(TypeError, match="GPT-2"):
+    with pytest.raises(ValueError, match="model type 'gpt2', not llama"):
         PrefixTuning.load_prefix(llama, good)
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        PrefixTuning.load_prefix(torch.nn.Linear(2, 2), good)
     assert model.config._attn_implementation == "eager"
+
+
+def test_load_prefix_reads_files_written_before_kv_heads_were_recorded(tmp_path):
+    from safetensors import safe_open
+
+    tuned = randomise(PrefixTuning(tiny_model(), P), scale=0.5)
+    path, old = tmp_path / "prefix.safetensors", tmp_path / "old.safetensors"
+    tuned.save_prefix(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata, kv = handle.metadata(), handle.get_tensor("prefix")
+    del metadata["n_kv_head"]
+    save_file({"prefix": kv}, str(old), metadata=metadata)
+    loaded = PrefixTuning.load_prefix(tiny_model(), old)
+    torch.testing.assert_close(loaded.prefix_encoder.kv, tuned.prefix_encoder.kv, rtol=0, atol=0)
 
 
 def test_init_from_text_uses_the_models_own_keys_and_values():
@@ -342,11 +358,14 @@ def test_bad_construction_leaves_the_model_unchanged():
         with pytest.raises(ValueError, match=match):
             PrefixTuning(model, **kwargs)
         assert model.config._attn_implementation == "eager" and all(p.requires_grad for p in model.parameters())
-    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=VOCAB))
-    with pytest.raises(TypeError, match="GPT-2"):
-        PrefixTuning(llama, P)
-    assert all(p.requires_grad for p in llama.parameters())
+    mistral = MistralForCausalLM(MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, num_key_value_heads=2, vocab_size=VOCAB,
+                                               sliding_window=16))
+    with pytest.raises(ValueError, match="sliding-window"):
+        PrefixTuning(mistral, P)
+    assert all(p.requires_grad for p in mistral.parameters())
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        PrefixTuning(torch.nn.Linear(2, 2), P)
 
 
 def test_a_reverted_model_is_refused_not_silently_wrong():

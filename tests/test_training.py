@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import prefix_attn.integrations.gpt2 as gpt2_integration
+import prefix_attn.integrations.hf_attention as hf_attention
 from prefix_attn import PrefixTuning, apply_prefix_attn_to_peft
 
 VOCAB, P = 100, 4
@@ -99,13 +99,13 @@ def test_native_prefix_learns_two_tasks_in_mixed_batches(projection_dim):
 
 def test_attention_dropout_is_honoured(monkeypatch):
     seen = []
-    op = gpt2_integration.prefix_attn_func
+    op = hf_attention.prefix_attn_func
 
     def spy(*args, dropout_p=0.0, **kwargs):
         seen.append(dropout_p)
         return op(*args, dropout_p=dropout_p, **kwargs)
 
-    monkeypatch.setattr(gpt2_integration, "prefix_attn_func", spy)
+    monkeypatch.setattr(hf_attention, "prefix_attn_func", spy)
     tuned = PrefixTuning(tiny_model(attn_pdrop=0.3), P, num_tasks=2)
     plain = PrefixTuning(tiny_model(attn_pdrop=0.0), P, num_tasks=2)  # same weights, no dropout
     plain.load_state_dict(tuned.state_dict())

@@ -1,8 +1,9 @@
 """The trainable parameters of PrefixTuning: the prefix itself, or the paper's reparameterisation.
 
-Both modules return the whole prefix as one tensor kv of shape (T, n_layer, 2, P, H, D): kv[t, l, 0]
-are task t's keys at layer l, kv[t, l, 1] its values. Per-layer (P, H, D) or (T, P, H, D) slices of it
-go to the fused op as strided views; autograd accumulates their gradients into the parameters.
+Both modules return the whole prefix as one tensor kv of shape (T, n_layer, 2, P, Hkv, D): kv[t, l, 0]
+are task t's keys at layer l, kv[t, l, 1] its values (Hkv: the model's key/value heads). Per-layer
+(P, Hkv, D) or (T, P, Hkv, D) slices of it go to the fused op as strided views; autograd accumulates
+their gradients into the parameters.
 """
 import math
 
@@ -11,7 +12,7 @@ from torch import nn
 
 
 class PrefixKV(nn.Module):
-    """The prefix as a parameter: ``kv`` (T, n_layer, 2, P, H, D), float32.
+    """The prefix as a parameter: ``kv`` (T, n_layer, 2, P, Hkv, D), float32.
 
     Initialised N(0, init_std): keys near zero give the prefix slots near-uniform attention and
     values near zero, so training starts close to the frozen model.
@@ -25,7 +26,7 @@ class PrefixKV(nn.Module):
 
     @classmethod
     def from_tensor(cls, kv: torch.Tensor) -> "PrefixKV":
-        """A PrefixKV holding a copy of ``kv`` (T, n_layer, 2, P, H, D) as float32."""
+        """A PrefixKV holding a copy of ``kv`` (T, n_layer, 2, P, Hkv, D) as float32."""
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.kv = nn.Parameter(kv.detach().to(torch.float32).contiguous().clone())
@@ -39,11 +40,12 @@ class PrefixMLP(nn.Module):
     """Li & Liang's reparameterisation, one independent network per task.
 
     Per task t: a smaller matrix ``embedding[t]`` (P, E) → Linear(E, E) → tanh → Linear(E, 2 * n_layer *
-    d_model), E = projection_dim (the hidden width equals projection_dim). Tasks share nothing, so a
+    d_kv), d_kv = Hkv * D (GPT-2's d_model), E = projection_dim (the hidden width equals
+    projection_dim). Tasks share nothing, so a
     mixed batch trains each task as if alone. The flattened output of one virtual token is laid out
-    (n_layer, 2, H, D), PEFT's layout (its entry 2l holds layer l's keys, 2l + 1 its values).
-    Parameters: embedding (T, P, E), w1 (T, E, E), b1 (T, 1, E), w2 (T, E, 2 * n_layer * d_model),
-    b2 (T, 1, 2 * n_layer * d_model), float32; initialised as nn.Embedding (N(0, 1)) and nn.Linear
+    (n_layer, 2, Hkv, D), PEFT's layout (its entry 2l holds layer l's keys, 2l + 1 its values).
+    Parameters: embedding (T, P, E), w1 (T, E, E), b1 (T, 1, E), w2 (T, E, 2 * n_layer * d_kv),
+    b2 (T, 1, 2 * n_layer * d_kv), float32; initialised as nn.Embedding (N(0, 1)) and nn.Linear
     (U(-1/sqrt(E), 1/sqrt(E))) are.
     """
 
@@ -63,7 +65,7 @@ class PrefixMLP(nn.Module):
 
     def forward(self) -> torch.Tensor:
         hidden = torch.tanh(torch.baddbmm(self.b1, self.embedding, self.w1))  # (T, P, E)
-        flat = torch.baddbmm(self.b2, hidden, self.w2)  # (T, P, 2 * n_layer * d_model)
+        flat = torch.baddbmm(self.b2, hidden, self.w2)  # (T, P, 2 * n_layer * d_kv)
         num_tasks, n_prefix = flat.shape[:2]
-        # (T, P, n_layer, 2, H, D) -> (T, n_layer, 2, P, H, D): a view, no copy.
+        # (T, P, n_layer, 2, Hkv, D) -> (T, n_layer, 2, P, Hkv, D): a view, no copy.
         return flat.view(num_tasks, n_prefix, *self.shape).permute(0, 2, 3, 1, 4, 5)

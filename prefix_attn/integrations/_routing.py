@@ -1,11 +1,11 @@
-"""How a prefix reaches GPT-2's attention: keyword arguments, positions and generation.
+"""How a prefix reaches a decoder's attention: keyword arguments, positions and generation.
 
 The prefix never enters the HF cache. It travels as two extra keyword arguments of the model's
-forward, which transformers hands unchanged through GPT2Model and every block to the attention
-function (prefix_attn.integrations.gpt2.prefix_attn_forward):
+forward, which transformers hands unchanged through the model (GPT2Model, LlamaModel, ...) and every
+layer to the attention function (prefix_attn.integrations.hf_attention.prefix_attn_forward):
 
-- ``prefix_kv``: tuple over layers of (k, v), each (P, heads, head_dim) shared by the batch or a
-  bank (T, P, heads, head_dim);
+- ``prefix_kv``: tuple over layers of (k, v), each (P, kv_heads, head_dim) shared by the batch or a
+  bank (T, P, kv_heads, head_dim);
 - ``prefix_idx``: (batch,) integer, each sequence's task in the bank (banks only).
 
 Under gradient checkpointing with use_reentrant=False the checkpoint captures these keyword
@@ -17,14 +17,20 @@ repeated.
 
 Positions follow PEFT: with the prefix in its cache, PEFT's sequences start at position P. Here the
 cache holds only the sequence, so the positions the model would compute (or those the caller
-gives) are passed explicitly, shifted by P. With a static cache (StaticCache, generate's
+gives) are passed explicitly, shifted by P: GPT-2 looks up position embeddings P + i, rotary models
+(Llama, Mistral, Qwen2) rotate new queries and keys by P + i while the prefix keys stay unrotated,
+exactly as under PEFT, whose cache holds the prefix as given. With a static cache (StaticCache, generate's
 cache_implementation="static") nothing here reads the cache's fill level from the device unless
 the cache could outgrow GPT-2's position table (see ``_check_positions_fit``).
+
+Caches: DynamicCache and StaticCache (and the other single-stack caches transformers builds from a
+config without sliding layers). An encoder-decoder cache or one with sliding-window layers is refused
+(``check_supported_cache``).
 """
 from typing import Optional, Sequence, Union
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, EncoderDecoderCache
 
 PREFIX_KV_KWARG = "prefix_kv"
 PREFIX_IDX_KWARG = "prefix_idx"
@@ -45,6 +51,18 @@ def cache_argument(inputs: dict):
     return inputs[given[0]] if given else None
 
 
+def check_supported_cache(cache) -> None:
+    """ValueError for an HF cache the fused attention cannot be handed: an encoder-decoder cache, or one
+    with sliding-window layers (which would keep only the last window of keys)."""
+    if cache is None:
+        return
+    if isinstance(cache, EncoderDecoderCache):
+        raise ValueError("an EncoderDecoderCache is not supported: prefix attention is for decoder-only models")
+    if any(getattr(cache, "is_sliding", ())):
+        raise ValueError(f"a {type(cache).__name__} with sliding-window layers is not supported: the fused prefix "
+                         "attention needs every cached key (build the model without sliding-window attention)")
+
+
 def past_length(past_key_values) -> Union[int, torch.Tensor]:
     """Number of sequence positions already in the HF cache.
 
@@ -59,12 +77,15 @@ def past_length(past_key_values) -> Union[int, torch.Tensor]:
     raise TypeError(f"past_key_values must be a transformers Cache or None, got {type(past_key_values).__name__}")
 
 
-def _check_positions_fit(prefix_len: int, n_positions: int, seq_len: int, past_key_values) -> None:
-    """ValueError when P + past + L exceeds n_positions (GPT-2's position embeddings end there).
+def _check_positions_fit(prefix_len: int, n_positions: Optional[int], seq_len: int, past_key_values) -> None:
+    """ValueError when P + past + L exceeds n_positions (GPT-2's position embeddings end there); no
+    check when n_positions is None (rotary models).
 
     For a static cache, past + L is bounded by its max_cache_len (get_mask_sizes reports it): the
     device-side fill level is read only when that bound does not already fit.
     """
+    if n_positions is None:
+        return
     past = past_length(past_key_values)
     if isinstance(past, torch.Tensor):
         capacity, _ = past_key_values.get_mask_sizes(seq_len, 0)
@@ -79,22 +100,25 @@ def _check_positions_fit(prefix_len: int, n_positions: int, seq_len: int, past_k
             f"n_positions={n_positions} position embeddings: P + L must be <= {n_positions}")
 
 
-def shifted_position_ids(prefix_len: int, n_positions: int, seq_len: int, past_key_values,
+def shifted_position_ids(prefix_len: int, n_positions: Optional[int], seq_len: int, past_key_values,
                          position_ids: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """GPT-2 position ids for a sequence behind a prefix of ``prefix_len`` virtual tokens.
+    """Position ids for a sequence behind a prefix of ``prefix_len`` virtual tokens.
 
     Args:
         prefix_len: P.
-        n_positions: the model's number of position embeddings (config.n_positions).
+        n_positions: the model's number of absolute position embeddings (GPT-2's config.n_positions), or
+            None for a rotary model (no limit).
         seq_len: L, the number of new tokens in this forward.
         past_key_values: None or the HF cache of this forward (its length is the positions already cached).
         position_ids: (batch, L) or (1, L) the caller's positions, or None for the positions GPT2Model
-            would compute, arange(past, past + L) of shape (1, L).
+            would compute, arange(past, past + L) of shape (1, L) (GPT2Model and LlamaModel alike).
     Returns:
         P + position_ids, as PEFT's prefix tuning positions them.
     Raises:
-        ValueError when P + past + L exceeds n_positions (GPT-2's position embeddings end there).
+        ValueError when P + past + L exceeds n_positions (GPT-2's position embeddings end there), and
+        for an unsupported cache (``check_supported_cache``).
     """
+    check_supported_cache(past_key_values)
     _check_positions_fit(prefix_len, n_positions, seq_len, past_key_values)
     if position_ids is None:
         past = past_length(past_key_values)
@@ -114,7 +138,7 @@ def input_length(input_ids: Optional[torch.Tensor], inputs_embeds: Optional[torc
     raise ValueError("pass input_ids or inputs_embeds")
 
 
-def add_prefix_to_model_inputs(model_inputs: dict, prefix_kv: Sequence, prefix_len: int, n_positions: int,
+def add_prefix_to_model_inputs(model_inputs: dict, prefix_kv: Sequence, prefix_len: int, n_positions: Optional[int],
                                prefix_idx: Optional[torch.Tensor] = None) -> dict:
     """Complete the inputs ``prepare_inputs_for_generation`` built for one generation step.
 

@@ -1,15 +1,21 @@
-"""PEFT prefix tuning over GPT-2 through the fused op: ``apply_prefix_attn_to_peft(peft_model)``.
+"""PEFT prefix tuning through the fused op: ``apply_prefix_attn_to_peft(peft_model)``.
+
+Base models: GPT-2, Llama, Mistral (without sliding window), Qwen2 and other decoders whose attention
+goes through transformers' AttentionInterface (see prefix_attn.integrations.hf_attention). For grouped
+KV heads PEFT's config holds num_attention_heads = num_key_value_heads and token_dim = Hkv * head_dim,
+so its prefix has the KV heads, (P, Hkv, D) per layer, as the op takes it.
 
 PEFT's own path expands the prefix over the batch (its prompt encoder, MLP included, runs B times),
-copies it into a DynamicCache whose every layer then concatenates [prefix; keys] to (B, H, P + L, D),
+copies it into a DynamicCache whose every layer then concatenates [prefix; keys] to (B, Hkv, P + L, D),
 kept for backward, and copies the prefix for every beam in generation. This module keeps PEFT's
 numerics but intercepts at the two points where the prefix is made:
 
 - ``PeftModelForCausalLM.forward`` (prefix branch): the prompt encoder runs once on its P virtual
   tokens, the result is cast to the base model's dtype as PEFT does and viewed as per-layer
-  (P, H, D) keys and values, which travel to the attention function unexpanded; the HF cache holds
+  (P, Hkv, D) keys and values, which travel to the attention function unexpanded; the HF cache holds
   only the sequence's keys and values, the attention mask is not extended, and positions are shifted
-  by P explicitly (PEFT gets that shift from its cache length).
+  by P explicitly (PEFT gets that shift from its cache length; for rotary models new tokens are
+  rotated by P + i and the prefix keys are used as given, as in PEFT's cache).
 - ``prepare_inputs_for_generation`` (PEFT installs it on the base model during generate): the same
   prefix, computed once per generate call, is added to every step's inputs with shifted positions.
 
@@ -22,11 +28,15 @@ import torch
 
 from prefix_attn.integrations._routing import (
     PREFIX_KV_KWARG, add_prefix_to_model_inputs, cache_argument, input_length, shifted_position_ids)
-from prefix_attn.integrations.gpt2 import apply_prefix_attn_to_gpt2, check_gpt2_model, check_prefix_attn_selected
+from prefix_attn.integrations.hf_attention import (
+    absolute_position_limit, check_prefix_attn_selected, check_supported_model, decoder_dims, switch_back,
+    switch_to_prefix_attn)
 
 # Attribute of a patched PeftModel holding the prefix for the generate call in progress.
 _GENERATION_PREFIX_ATTR = "_prefix_attn_generation_prefix"
 _PATCHED_ATTR = "_prefix_attn_patched"
+# The instance attributes the patch sets (PEFT's own methods are class attributes underneath).
+_PATCHED_METHODS = ("forward", "prepare_inputs_for_generation", "generate")
 
 
 def _import_peft():
@@ -44,13 +54,13 @@ def _is_prefix_tuning(peft_config) -> bool:
 
 
 def peft_prefix_kv(peft_model) -> tuple:
-    """The active adapter's prefix as the fused op takes it: tuple over layers of (k, v), each (P, H, D).
+    """The active adapter's prefix as the fused op takes it: tuple over layers of (k, v), each (P, Hkv, D).
 
     The prompt encoder runs once on its P virtual tokens (PEFT runs it on B * P), its MLP
     reparameterisation included when the adapter is trained with prefix_projection=True; gradients
     flow into it. A saved adapter loaded for inference (inference_mode=True) holds the projected
     prefix in ``embedding.weight``, which PEFT uses directly; so does this. The result is cast to the
-    base model's dtype, as PEFT does. Layout: PEFT views the encoder output (B, P, 2 * n_layer, H, D)
+    base model's dtype, as PEFT does. Layout: PEFT views the encoder output (B, P, 2 * n_layer, Hkv, D)
     and permutes/splits it so that layer l's keys are entry 2l and its values entry 2l + 1; the
     views returned here slice the same entries (strided views, no copy).
     """
@@ -99,7 +109,7 @@ def _forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labe
     _drop_token_type_ids(kwargs)
     device = (input_ids if input_ids is not None else inputs_embeds).device
     kwargs["position_ids"] = shifted_position_ids(
-        config.num_virtual_tokens, base.config.n_positions, seq_len, cache_argument(kwargs),
+        config.num_virtual_tokens, absolute_position_limit(base), seq_len, cache_argument(kwargs),
         kwargs.get("position_ids"), device)
     kwargs[PREFIX_KV_KWARG] = peft_prefix_kv(self)
     if base.training and kwargs.get("use_cache") is None:
@@ -121,7 +131,7 @@ def _prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
     if prefix is None:  # called outside generate(): compute it for this step
         prefix = peft_prefix_kv(self)
     return add_prefix_to_model_inputs(model_inputs, prefix, config.num_virtual_tokens,
-                                      self.get_base_model().config.n_positions)
+                                      absolute_position_limit(self.get_base_model()))
 
 
 def _generate(self, *args, **kwargs):
@@ -137,20 +147,22 @@ def _generate(self, *args, **kwargs):
 
 
 def apply_prefix_attn_to_peft(peft_model):
-    """Run a PEFT prefix-tuning model over GPT-2 through the fused prefix attention.
+    """Run a PEFT prefix-tuning model through the fused prefix attention.
 
     Args:
         peft_model: a ``peft.PeftModelForCausalLM`` whose active adapter is a ``PrefixTuningConfig``
-            over a transformers GPT-2 model (from get_peft_model or PeftModel.from_pretrained).
+            over a transformers decoder (GPT-2, Llama, Mistral without sliding window, Qwen2, ...; from
+            get_peft_model or PeftModel.from_pretrained).
     Returns:
         the same ``peft_model``, patched in place (repeatable). Loss, logits, prompt-encoder gradients
         and generate() tokens equal PEFT's own path; the prefix is computed once per forward on P rows
-        and never expanded over the batch or beams; disable_adapter() still gives the plain model.
-        Gradient checkpointing with use_reentrant=False works (PEFT's own path refuses it).
+        and never expanded over the batch, beams or grouped heads; disable_adapter() still gives the
+        plain model. Gradient checkpointing with use_reentrant=False works (PEFT's own path refuses it).
+        ``revert_prefix_attn_to_peft`` undoes it.
     Raises:
-        ImportError without peft; TypeError for another model type or a non-GPT-2 base model;
-        ValueError for another PEFT method or a config that does not match the base model. The model
-        is unchanged then.
+        ImportError without peft; TypeError for another model type or an unsupported base model;
+        ValueError for another PEFT method, a config that does not match the base model, or a base
+        model with sliding-window or cross-attention. The model is unchanged then.
     """
     peft = _import_peft()
     if not isinstance(peft_model, peft.PeftModelForCausalLM):
@@ -161,17 +173,34 @@ def apply_prefix_attn_to_peft(peft_model):
         raise ValueError(f"apply_prefix_attn_to_peft supports prefix tuning (PrefixTuningConfig), but the active "
                          f"adapter {peft_model.active_adapter!r} is {config.peft_type}")
     base = peft_model.get_base_model()
-    check_gpt2_model(base, "apply_prefix_attn_to_peft")
-    expected = {"num_layers": base.config.n_layer, "num_attention_heads": base.config.n_head,
-                "token_dim": base.config.n_embd, "num_transformer_submodules": 1}
+    check_supported_model(base, "apply_prefix_attn_to_peft")
+    dims = decoder_dims(base)
+    expected = {"num_layers": dims["n_layer"], "num_attention_heads": dims["n_kv_head"],
+                "token_dim": dims["n_kv_head"] * dims["head_dim"], "num_transformer_submodules": 1}
     for name, value in expected.items():
         if getattr(config, name) != value:
-            raise ValueError(f"PrefixTuningConfig.{name}={getattr(config, name)} does not match the GPT-2 model "
-                             f"({value})")
-    apply_prefix_attn_to_gpt2(base)
+            raise ValueError(f"PrefixTuningConfig.{name}={getattr(config, name)} does not match the "
+                             f"{base.config.model_type} model ({value})")
+    switch_to_prefix_attn(base)
     # Instance attributes, as PEFT's own disable_adapter() swaps them: it saves and restores these.
     peft_model.forward = types.MethodType(_forward, peft_model)
     peft_model.prepare_inputs_for_generation = types.MethodType(_prepare_inputs_for_generation, peft_model)
     peft_model.generate = types.MethodType(_generate, peft_model)
     peft_model.__dict__[_PATCHED_ATTR] = True
+    return peft_model
+
+
+def revert_prefix_attn_to_peft(peft_model):
+    """Undo ``apply_prefix_attn_to_peft``: PEFT's own forward, generate and prepare_inputs_for_generation
+    again, and the base model back to the attention implementation it had. Repeatable; a model that
+    was never patched is left as is. Returns ``peft_model``."""
+    peft = _import_peft()
+    if not isinstance(peft_model, peft.PeftModelForCausalLM):
+        raise TypeError(f"revert_prefix_attn_to_peft takes a peft.PeftModelForCausalLM, got "
+                        f"{type(peft_model).__name__}")
+    if not peft_model.__dict__.pop(_PATCHED_ATTR, False):
+        return peft_model
+    for name in _PATCHED_METHODS:
+        peft_model.__dict__.pop(name, None)
+    switch_back(peft_model.get_base_model())
     return peft_model

@@ -1,23 +1,27 @@
 """Prefix tuning without PEFT: ``PrefixTuning``, several task prefixes in one batch.
 
-The module wraps a frozen transformers GPT-2 model switched to the fused attention
-(apply_prefix_attn_to_gpt2). Each forward computes the prefix once, (T, n_layer, 2, P, H, D), and
+The module wraps a frozen transformers decoder (GPT-2, Llama, Mistral without sliding window, Qwen2,
+...) switched to the fused attention (apply_prefix_attn). Each forward computes the prefix once,
+(T, n_layer, 2, P, Hkv, D) with the model's key/value heads Hkv, and
 hands per-layer views to the attention function with ``prefix_idx`` (B,) picking each row's task;
 the op reduces the prefix gradient over the batch per task, so nothing is expanded over the batch
-or beams. Positions follow PEFT: the sequence starts at position P.
+or beams. Positions follow PEFT: the sequence starts at position P (rotary models rotate new tokens by
+P + i; the prefix keys are used as given).
 """
 from typing import Optional, Union
 
 import torch
 from torch import nn
-from transformers.models.gpt2.modeling_gpt2 import GPT2PreTrainedModel
+from transformers import PreTrainedModel
 
 from prefix_attn.checks import check_index_values
 from prefix_attn.integrations._prefix_params import PrefixKV, PrefixMLP
 from prefix_attn.integrations._routing import (
     PREFIX_IDX_KWARG, PREFIX_KV_KWARG, add_prefix_to_model_inputs, cache_argument, input_length,
     shifted_position_ids)
-from prefix_attn.integrations.gpt2 import apply_prefix_attn_to_gpt2, check_gpt2_model, check_prefix_attn_selected
+from prefix_attn.integrations.hf_attention import (
+    absolute_position_limit, check_prefix_attn_selected, check_supported_model, decoder_dims, model_config,
+    switch_to_prefix_attn)
 
 PREFIX_FORMAT = "prefix_attn.prefix"
 PREFIX_FORMAT_VERSION = "1"
@@ -40,50 +44,41 @@ def _check_init_text_ids(ids, num_virtual_tokens: int, num_tasks: int, vocab_siz
         raise ValueError(f"init_text_ids holds ids outside the vocabulary [0, {vocab_size})")
 
 
-def _model_dims(model: GPT2PreTrainedModel) -> dict:
-    config = model.config
-    return {"n_layer": config.n_layer, "n_head": config.n_head, "head_dim": config.n_embd // config.n_head}
-
-
 @torch.no_grad()
-def text_prefix_kv(model: GPT2PreTrainedModel, token_ids: torch.Tensor) -> torch.Tensor:
-    """The frozen model's own keys and values for ``token_ids`` (N, P): (N, n_layer, 2, P, H, D) float32.
+def text_prefix_kv(model: PreTrainedModel, token_ids: torch.Tensor) -> torch.Tensor:
+    """The frozen model's own keys and values for ``token_ids`` (N, P): (N, n_layer, 2, P, Hkv, D) float32.
 
-    Runs the model (in eval mode, positions 0..P-1, no prefix) and captures each layer's k and v as
-    GPT2Attention projects them (the c_attn output, split q | k | v).
+    Runs the model (in eval mode, positions 0..P-1, no prefix) with a cache and reads each layer's keys
+    and values from it, as the model caches them: for rotary models the keys are rotated for
+    positions 0..P-1, so a prefix initialised from text first equals that text placed before the
+    sequence (which then sits at positions P + i).
     """
-    dims = _model_dims(model)
-    captured = []
-
-    def hook(module, inputs, output):
-        _, k, v = output.split(module.nf // 3, dim=-1)
-        shape = (*k.shape[:2], dims["n_head"], dims["head_dim"])
-        captured.append(torch.stack([k.reshape(shape), v.reshape(shape)], dim=1))  # (N, 2, P, H, D)
-
-    handles = [block.attn.c_attn.register_forward_hook(hook) for block in model.base_model.h]
     was_training = model.training
     try:
         model.eval()
-        model.base_model(input_ids=token_ids, use_cache=False)
+        out = model.base_model(input_ids=token_ids, use_cache=True)
     finally:
         model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return torch.stack(captured, dim=1).float()
+    # The field is "past_key_values" up to transformers 5.23 and "cache" from 5.24 on.
+    cache = next(value for name, value in out.items() if name in ("cache", "past_key_values"))
+    per_layer = [torch.stack([layer.keys, layer.values], dim=1) for layer in cache.layers]  # (N, 2, Hkv, P, D)
+    return torch.stack(per_layer, dim=1).transpose(-3, -2).float()
 
 
 class PrefixTuning(nn.Module):
-    """Prefix tuning (Li & Liang 2021) of a frozen GPT-2 through the fused prefix attention.
+    """Prefix tuning (Li & Liang 2021) of a frozen decoder through the fused prefix attention.
 
     Args:
-        model: a transformers GPT-2 model (GPT2LMHeadModel, GPT2DoubleHeadsModel,
-            GPT2ForSequenceClassification, ...). It is switched to attn_implementation="prefix_attn" and
+        model: a transformers decoder whose attention goes through AttentionInterface: GPT-2
+            (GPT2LMHeadModel, GPT2DoubleHeadsModel, GPT2ForSequenceClassification, ...), Llama, Mistral
+            without sliding window, Qwen2, ... It is switched to attn_implementation="prefix_attn" and
             frozen (requires_grad False on all its parameters); it stays the caller's object.
-        num_virtual_tokens: P, prefix slots per layer. P + the sequence length must fit n_positions.
+        num_virtual_tokens: P, prefix slots per layer, each holding (Hkv, D) keys and values (the
+            model's key/value heads). For GPT-2, P + the sequence length must fit n_positions.
         num_tasks: T independent prefixes; ``prefix_idx`` (B,) picks each row's.
         projection_dim: None trains the per-layer keys and values directly (``PrefixKV``); an int E
             trains the paper's reparameterisation instead, per task a (P, E) matrix → Linear(E, E) → tanh →
-            Linear(E, 2 * n_layer * d_model) (``PrefixMLP``; ``merge()`` folds it into keys and values).
+            Linear(E, 2 * n_layer * Hkv * D) (``PrefixMLP``; ``merge()`` folds it into keys and values).
         init_text_ids: optional (1, P) or (T, P) token ids: each layer's keys and values start as the
             frozen model's own for those tokens (the paper's initialisation from real words); (1, P)
             initialises every task alike. Only without projection_dim.
@@ -93,40 +88,41 @@ class PrefixTuning(nn.Module):
     the size of the prefix. The prefix is kept in float32 and cast to the model's dtype when used, as
     PEFT does.
 
-    Raises TypeError for a non-GPT-2 model, ValueError for bad sizes or ids; the model is unchanged then.
+    Raises TypeError for an unsupported model, ValueError for bad sizes or ids or a model with sliding-window
+    or cross-attention; the model is unchanged then.
     """
 
-    def __init__(self, model: GPT2PreTrainedModel, num_virtual_tokens: int, num_tasks: int = 1,
+    def __init__(self, model: PreTrainedModel, num_virtual_tokens: int, num_tasks: int = 1,
                  projection_dim: Optional[int] = None, init_text_ids: Optional[torch.Tensor] = None):
         super().__init__()
-        check_gpt2_model(model, "PrefixTuning")
+        check_supported_model(model, "PrefixTuning")
         _check_positive_int("num_virtual_tokens", num_virtual_tokens)
         _check_positive_int("num_tasks", num_tasks)
         _check_positive_int("projection_dim", projection_dim, allow_none=True)
-        n_positions = model.config.n_positions
-        if num_virtual_tokens >= n_positions:
+        n_positions = absolute_position_limit(model)
+        if n_positions is not None and num_virtual_tokens >= n_positions:
             raise ValueError(f"num_virtual_tokens={num_virtual_tokens} leaves no position for the sequence: "
                              f"GPT-2 has n_positions={n_positions}")
-        dims = _model_dims(model)
+        dims = decoder_dims(model)
         device = model.device
         init_kv = None
         if init_text_ids is not None:
             if projection_dim is not None:
                 raise ValueError("init_text_ids sets the keys and values themselves: use it with projection_dim=None")
-            _check_init_text_ids(init_text_ids, num_virtual_tokens, num_tasks, model.config.vocab_size)
+            _check_init_text_ids(init_text_ids, num_virtual_tokens, num_tasks, model_config(model).vocab_size)
             init_kv = text_prefix_kv(model, init_text_ids.to(device)).expand(num_tasks, -1, -1, -1, -1, -1)
 
-        apply_prefix_attn_to_gpt2(model)
+        switch_to_prefix_attn(model)
         model.requires_grad_(False)
         self.model = model
         self.num_virtual_tokens = num_virtual_tokens
         self.num_tasks = num_tasks
         self.projection_dim = projection_dim
-        sizes = (num_tasks, dims["n_layer"], num_virtual_tokens, dims["n_head"], dims["head_dim"])
+        sizes = (num_tasks, dims["n_layer"], num_virtual_tokens, dims["n_kv_head"], dims["head_dim"])
         if init_kv is not None:
             self.prefix_encoder = PrefixKV.from_tensor(init_kv)
         elif projection_dim is None:
-            self.prefix_encoder = PrefixKV(*sizes, init_std=model.config.initializer_range, device=device)
+            self.prefix_encoder = PrefixKV(*sizes, init_std=model_config(model).initializer_range, device=device)
         else:
             self.prefix_encoder = PrefixMLP(*sizes, projection_dim=projection_dim, device=device)
 
@@ -138,9 +134,9 @@ class PrefixTuning(nn.Module):
         return self.model.config
 
     def prefix_kv(self) -> tuple:
-        """Tuple over layers of (k, v), each (P, H, D) for one task or (T, P, H, D), in the model's dtype.
+        """Tuple over layers of (k, v), each (P, Hkv, D) for one task or (T, P, Hkv, D), in the model's dtype.
 
-        Views of one (T, n_layer, 2, P, H, D) tensor (cast from float32 only if the model is not float32);
+        Views of one (T, n_layer, 2, P, Hkv, D) tensor (cast from float32 only if the model is not float32);
         differentiable into the prefix parameters through one autograd node (an unbind, whose backward
         stacks the layers' gradients once), not four selects per layer.
         """
@@ -185,7 +181,7 @@ class PrefixTuning(nn.Module):
         """Run the model behind the prefix.
 
         Args:
-            input_ids: (B, L); or inputs_embeds (B, L, d_model) in kwargs.
+            input_ids: (B, L); or inputs_embeds (B, L, hidden_size) in kwargs.
             attention_mask: (B, L) (or (B, past + L) with past_key_values) 1 for tokens, 0 for padding.
             labels: as the wrapped model takes them.
             prefix_idx: (B,) task of each row, or an int for all; default task 0.
@@ -194,14 +190,15 @@ class PrefixTuning(nn.Module):
             the wrapped model's output (its cache, with use_cache, holds only the sequence's positions;
             in training mode no cache is built unless use_cache=True is passed).
         Raises:
-            ValueError for a bad prefix_idx or when P + past + L exceeds n_positions.
+            ValueError for a bad prefix_idx, an unsupported cache, or when P + past + L exceeds GPT-2's
+            n_positions.
         """
         check_prefix_attn_selected(self.model, "PrefixTuning")
         batch, seq_len = input_length(input_ids, kwargs.get("inputs_embeds"))
         device = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).device
         prefix_idx = self._check_prefix_idx(prefix_idx, batch, device)
         kwargs["position_ids"] = shifted_position_ids(
-            self.num_virtual_tokens, self.model.config.n_positions, seq_len, cache_argument(kwargs),
+            self.num_virtual_tokens, absolute_position_limit(self.model), seq_len, cache_argument(kwargs),
             kwargs.get("position_ids"), device)
         if labels is not None:
             kwargs["labels"] = labels
@@ -221,13 +218,14 @@ class PrefixTuning(nn.Module):
         repeated: only prefix_idx is, by generate itself, for beams and num_return_sequences.
         """
         if not self.model.can_generate():
-            raise TypeError(f"{type(self.model).__name__} cannot generate: wrap a GPT2LMHeadModel")
+            raise TypeError(f"{type(self.model).__name__} cannot generate: wrap a model with a language-model head "
+                            "(GPT2LMHeadModel, LlamaForCausalLM, ...)")
         check_prefix_attn_selected(self.model, "PrefixTuning")
         batch, _ = input_length(input_ids, generate_kwargs.get("inputs_embeds"))
         device = (input_ids if input_ids is not None else generate_kwargs["inputs_embeds"]).device
         prefix_idx = self._check_prefix_idx(prefix_idx, batch, device)
         prefix = self.prefix_kv()
-        n_prefix, n_positions = self.num_virtual_tokens, self.model.config.n_positions
+        n_prefix, n_positions = self.num_virtual_tokens, absolute_position_limit(self.model)
         model = self.model
         had_own = "prepare_inputs_for_generation" in model.__dict__
         original = model.prepare_inputs_for_generation
@@ -292,34 +290,37 @@ class PrefixTuning(nn.Module):
                             [_STATE_PREFIX + k for k in result.unexpected_keys] + unexpected)
 
     def save_prefix(self, path) -> None:
-        """Write the prefix alone to ``path`` (safetensors): tensor "prefix" (T, n_layer, 2, P, H, D) float32.
+        """Write the prefix alone to ``path`` (safetensors): tensor "prefix" (T, n_layer, 2, P, Hkv, D) float32.
 
         An unmerged reparameterisation is saved as the keys and values it produces (as PEFT saves its
-        adapters); its metadata (format, format_version, model_type, n_layer, n_head, head_dim, n_embd,
-        num_virtual_tokens, num_tasks) lets ``load_prefix`` check the file against a model.
+        adapters); its metadata (format, format_version, model_type, n_layer, n_head, n_kv_head, head_dim,
+        n_embd (the hidden size), num_virtual_tokens, num_tasks) lets ``load_prefix`` check the file
+        against a model.
         """
         from safetensors.torch import save_file
 
         with torch.no_grad():
             kv = self.prefix_encoder().detach().to("cpu", torch.float32).contiguous()
-        dims = _model_dims(self.model)
-        metadata = {"format": PREFIX_FORMAT, "format_version": PREFIX_FORMAT_VERSION, "model_type": "gpt2",
-                    "n_embd": str(self.model.config.n_embd), "num_virtual_tokens": str(self.num_virtual_tokens),
-                    "num_tasks": str(self.num_tasks), **{k: str(v) for k, v in dims.items()}}
+        metadata = {"format": PREFIX_FORMAT, "format_version": PREFIX_FORMAT_VERSION,
+                    "model_type": model_config(self.model).model_type,
+                    "num_virtual_tokens": str(self.num_virtual_tokens), "num_tasks": str(self.num_tasks),
+                    **{k: str(v) for k, v in _file_dims(self.model).items()}}
         save_file({"prefix": kv}, str(path), metadata=metadata)
 
     @classmethod
-    def load_prefix(cls, model: GPT2PreTrainedModel, path) -> "PrefixTuning":
+    def load_prefix(cls, model: PreTrainedModel, path) -> "PrefixTuning":
         """A PrefixTuning around ``model`` holding the prefix saved at ``path`` (merged form, trainable).
 
-        Raises TypeError for a non-GPT-2 model and ValueError, naming ``path`` and what is wrong, for a
+        Raises TypeError for an unsupported model and ValueError, naming ``path`` and what is wrong, for a
         file that is not a saved prefix (unreadable or truncated, other or extra tensors, missing or
         malformed metadata, a tensor of another shape or dtype than float32, non-finite values) or
-        that does not fit the model (layers, heads, head dim, positions); the model is unchanged then.
+        that does not fit the model (model type, layers, heads, key/value heads, head dim, positions); the
+        model is unchanged then. Files written before n_kv_head was recorded (GPT-2 only) read as
+        n_kv_head = n_head.
         """
         from safetensors import SafetensorError, safe_open
 
-        check_gpt2_model(model, "PrefixTuning.load_prefix")
+        check_supported_model(model, "PrefixTuning.load_prefix")
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
@@ -334,17 +335,21 @@ class PrefixTuning(nn.Module):
                 kv = handle.get_tensor("prefix")
         except SafetensorError as error:  # truncated or corrupt header or payload
             raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
-        if metadata.get("model_type") != "gpt2":
-            raise ValueError(f"{path} holds a prefix for model type {metadata.get('model_type')!r}, not gpt2")
+        model_type = model_config(model).model_type
+        if metadata.get("model_type") != model_type:
+            raise ValueError(f"{path} holds a prefix for model type {metadata.get('model_type')!r}, not {model_type}")
+        if "n_kv_head" not in metadata:  # written before grouped heads were recorded: KV heads = heads
+            metadata = {**metadata, "n_kv_head": metadata.get("n_head")}
         saved = {name: _metadata_int(metadata, name, path)
-                 for name in ("n_layer", "n_head", "head_dim", "n_embd", "num_virtual_tokens", "num_tasks")}
-        dims = _model_dims(model)
-        for name, value in {**dims, "n_embd": model.config.n_embd}.items():
+                 for name in ("n_layer", "n_head", "n_kv_head", "head_dim", "n_embd", "num_virtual_tokens",
+                              "num_tasks")}
+        dims = _file_dims(model)
+        for name, value in dims.items():
             if saved[name] != value:
                 raise ValueError(f"{path} holds a prefix for a model with {name}={saved[name]}, but this model "
                                  f"has {name}={value}")
         num_tasks, n_prefix = saved["num_tasks"], saved["num_virtual_tokens"]
-        expected = (num_tasks, dims["n_layer"], 2, n_prefix, dims["n_head"], dims["head_dim"])
+        expected = (num_tasks, dims["n_layer"], 2, n_prefix, dims["n_kv_head"], dims["head_dim"])
         if tuple(kv.shape) != expected:
             raise ValueError(f"{path}: tensor 'prefix' has shape {tuple(kv.shape)}, its metadata says {expected}")
         if kv.dtype != torch.float32:
@@ -354,6 +359,13 @@ class PrefixTuning(nn.Module):
         tuned = cls(model, num_virtual_tokens=n_prefix, num_tasks=num_tasks)
         tuned.prefix_encoder = PrefixKV.from_tensor(kv.to(model.device))
         return tuned
+
+
+def _file_dims(model) -> dict:
+    """The model sizes a prefix file records (GPT-2's names: n_embd is the hidden size)."""
+    dims = decoder_dims(model)
+    return {"n_layer": dims["n_layer"], "n_head": dims["n_head"], "n_kv_head": dims["n_kv_head"],
+            "head_dim": dims["head_dim"], "n_embd": dims["hidden_size"]}
 
 
 def _metadata_int(metadata: dict, name: str, path) -> int:
