@@ -1,9 +1,11 @@
-"""End-to-end benchmark: GPT-2 prefix tuning, a training step and generate(), per route.
+"""End-to-end benchmark: prefix tuning of GPT-2 and of a Llama-shaped model, a training step and
+generate(), per route.
 
 Routes (providers): peft_sdpa (PEFT prefix tuning alone, SDPA attention: what users run today),
 peft+patch (the same PEFT model after apply_prefix_attn_to_peft), native (prefix_attn.PrefixTuning)
 and prompt_tuning (PEFT prompt tuning with the same number of virtual tokens, SDPA), on GPT-2 small
-and medium shapes with random weights (no download), bf16 on GPU. A training step is forward +
+and medium shapes and a ~1.2B Llama shape (Llama-3.2-1B's: 16 layers, d_model 2048, 32 heads over 8 KV
+heads) with random weights (no download), bf16 on GPU; tiny GPT-2 and Llama configs on CPU. A training step is forward +
 backward + AdamW step on the trainable parameters, in train mode (GPT-2's dropouts active, as in a
 real run). Figures: ms per step, tokens/s, peak memory; generate: ms and new tokens/s.
 """
@@ -21,44 +23,59 @@ ROUTES = ("peft_sdpa", "peft+patch", "native", "prompt_tuning")
 
 @dataclasses.dataclass(frozen=True)
 class E2EShape:
-    model: str  # "small", "medium" or "tiny" (CPU)
+    model: str  # "small", "medium", "llama-1b"; "tiny" and "llama-tiny" on CPU
     B: int
     L: int
     P: int
 
     def config(self):
-        from transformers import GPT2Config
+        from transformers import GPT2Config, LlamaConfig
 
+        if self.model.startswith("llama"):
+            layers, d_model, heads, kv_heads, ffn, vocab = {
+                "llama-1b": (16, 2048, 32, 8, 8192, 128256), "llama-tiny": (2, 64, 4, 2, 128, 1000)}[self.model]
+            return LlamaConfig(num_hidden_layers=layers, hidden_size=d_model, num_attention_heads=heads,
+                               num_key_value_heads=kv_heads, intermediate_size=ffn, vocab_size=vocab,
+                               max_position_embeddings=2048, tie_word_embeddings=True)
         sizes = {"small": (12, 768, 12), "medium": (24, 1024, 16), "tiny": (2, 64, 4)}[self.model]
         return GPT2Config(n_layer=sizes[0], n_embd=sizes[1], n_head=sizes[2], n_positions=1024,
                           vocab_size=50257 if self.model != "tiny" else 1000)
 
-    def expanded_prefix_bytes(self, element_size: int) -> int:
-        """E = 2 * n_layer * B * P * d_model * bytes: what PEFT's expanded prefix costs."""
+    def dims(self) -> tuple[int, int, int, int]:
+        """(layers, heads, KV heads, head_dim)."""
         c = self.config()
-        return 2 * c.n_layer * self.B * self.P * c.n_embd * element_size
+        heads = c.num_attention_heads
+        return c.num_hidden_layers, heads, getattr(c, "num_key_value_heads", None) or heads, c.hidden_size // heads
+
+    def expanded_prefix_bytes(self, element_size: int) -> int:
+        """E = 2 * layers * B * P * KV heads * head_dim * bytes: what PEFT's expanded prefix costs."""
+        layers, _, kv_heads, head_dim = self.dims()
+        return 2 * layers * self.B * self.P * kv_heads * head_dim * element_size
 
 
 def shapes(quick: bool, device) -> dict[str, list[E2EShape]]:
     if not on_gpu(device):
-        return {"e2e_train": [E2EShape("tiny", 2, 32, 8)], "e2e_generate": [E2EShape("tiny", 2, 16, 8)]}
+        return {"e2e_train": [E2EShape("tiny", 2, 32, 8), E2EShape("llama-tiny", 2, 32, 8)],
+                "e2e_generate": [E2EShape("tiny", 2, 16, 8), E2EShape("llama-tiny", 2, 16, 8)]}
     if quick:
-        return {"e2e_train": [E2EShape("small", 8, 512, 10), E2EShape("small", 8, 512, 200)],
-                "e2e_generate": [E2EShape("small", 8, 128, 200)]}
+        return {"e2e_train": [E2EShape("small", 8, 512, 10), E2EShape("small", 8, 512, 200),
+                              E2EShape("llama-1b", 8, 512, 32)],
+                "e2e_generate": [E2EShape("small", 8, 128, 200), E2EShape("llama-1b", 8, 128, 32)]}
     return {
         "e2e_train": [E2EShape("small", 8, 512, 10), E2EShape("small", 8, 512, 200), E2EShape("small", 32, 512, 200),
-                      E2EShape("medium", 8, 512, 200)],
-        "e2e_generate": [E2EShape("small", 8, 128, 200), E2EShape("small", 32, 128, 200)],
+                      E2EShape("medium", 8, 512, 200), E2EShape("llama-1b", 8, 1024, 32)],
+        "e2e_generate": [E2EShape("small", 8, 128, 200), E2EShape("small", 32, 128, 200),
+                         E2EShape("llama-1b", 32, 256, 32)],
     }
 
 
 def build(route: str, shape: E2EShape, device, dtype):
     """The model of one route and its trainable parameters."""
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     with torch.device(device):
-        base = GPT2LMHeadModel(shape.config()).to(dtype)
+        base = AutoModelForCausalLM.from_config(shape.config()).to(dtype)
     base.set_attn_implementation("sdpa")
     if route == "native":
         from prefix_attn import PrefixTuning
@@ -130,7 +147,7 @@ def run(quick: bool, device, providers=None, dtype=None, **_) -> Iterator[dict]:
             mask = torch.ones_like(ids)
             for route in routes:
                 base = dict(bench=bench, provider=route, dtype=str(dtype).replace("torch.", ""), B=s.B, L=s.L, P=s.P,
-                            H=s.config().n_head, D=s.config().n_embd // s.config().n_head, model=s.model,
+                            H=s.dims()[1], Hkv=s.dims()[2], D=s.dims()[3], model=s.model,
                             expanded_prefix_mb=s.expanded_prefix_bytes(torch.tensor([], dtype=dtype).element_size())
                             / 2**20)
                 if route == "prompt_tuning" and bench == "e2e_generate":
