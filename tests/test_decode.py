@@ -1,5 +1,9 @@
 """The decode path (a few queries per sequence): prefix read once per tile of stacked rows,
-split-KV over each cache, log-sum-exp merge. Against the float64 reference and the main kernel."""
+split-KV over each cache, log-sum-exp merge by the last program of each tile, all in one launch.
+Against the float64 reference and the main kernel."""
+import contextlib
+import random
+
 import pytest
 import torch
 
@@ -63,6 +67,139 @@ def test_prefix_tiles_stack_sequences_of_one_task():
     assert task_piece_start.tolist() == [0, 1, 2]  # 32 rows of each task: one tile each
     assert piece_task[:2].tolist() == [0, 1] and (piece_task[2:] == -1).all() and n_tiles >= 2
     assert (idx[row_order[:32]] == 0).all() and (idx[row_order[32:]] == 1).all()
+
+
+def _plan(case):
+    """The decode plan (splits per part) the launcher makes for a case."""
+    tensors, kwargs = make_inputs(case, requires_grad=False)
+    q, k = tensors["q"], tensors["k"]
+    mask = kwargs.get("attention_mask")
+    return triton_launch._decode_plan(
+        case.B, case.Lq, case.H, case.D, case.Lk, case.P, case.T, bool(case.T), case.prefix_lens, mask is not None,
+        case.causal, triton_launch._dot_precision(q.dtype), triton_launch.num_sms(q.device),
+        triton_launch.DECODE_BLOCK_R, triton_launch.DECODE_BLOCK_N, triton_launch.DECODE_MIN_SPLIT,
+        triton_launch.DECODE_WAVES)
+
+
+def _splits(plan):
+    """(prefix splits, key splits) of a plan."""
+    sizes = plan.sizes[4:]  # after out's strides: B, H, Lq, Lk, P, seqs_per_tile, n_tiles, n_psplits, ...
+    return sizes[7], sizes[9]
+
+
+# (case, prefix splits, key splits) under the interpreter's constants (2 SMs, 16-key blocks and splits).
+SPLIT_CASES = [
+    (Case(B=8, Lq=1, Lk=30, H=1, P=12), 1, 1),                                 # one split per part: 2 parts
+    (Case(B=4, Lq=1, Lk=30, H=2, P=12, mask="left"), 1, 1),                     # same, with padding
+    (Case(B=1, Lq=2, Lk=70, H=1, P=60, T=2, prefix_lens=True), 4, 5),           # several per part, bank, lens
+    (Case(B=3, Lq=1, Lk=80, H=1, P=40, mask="holes"), 3, 3),                    # several per part, shared
+    (Case(B=9, Lq=1, Lk=20, H=1, P=10, T=2, prefix_lens=True, mask="left"), 1, 1),  # one per part, bank
+    (Case(B=7, Lq=3, Lk=40, H=1, P=33, T=3), 2, 2),                             # 5 sequences per tile, 3 tasks
+    (Case(B=2, Lq=5, Lk=40, H=1, P=0, mask="right"), 0, 3),                     # no prefix, several key splits
+    (Case(B=4, Lq=2, Lk=20, H=2, P=0), 0, 1),                                   # no prefix, one part: no merge
+]
+
+
+@pytest.mark.parametrize("case,prefix_splits,key_splits", SPLIT_CASES, ids=[str(c[0]) for c in SPLIT_CASES])
+def test_decode_splits_against_reference(case, prefix_splits, key_splits):
+    """Both regimes: one split per part (the single launch merges two parts) and several splits per
+    part (prefix splits and key splits merged by the last arrival), against the float64 reference."""
+    assert _splits(_plan(case)) == (prefix_splits, key_splits)
+    check_against_reference(case, torch.float32, "triton")
+
+
+@contextlib.contextmanager
+def programs_in_order(order):
+    """Run the interpreter's programs in another order: ``order(n)`` is a permutation of range(n),
+    applied to the flattened grid (every program still runs once). On a GPU any program may finish
+    last; in the interpreter it is always the highest program id, unless reordered here."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    real = builder.set_grid_idx
+    orders = {}
+
+    def set_grid_idx(x, y, z):
+        nx, ny, nz = builder.grid_dim
+        n = nx * ny * nz
+        perm = orders.setdefault((nx, ny, nz), order(n))
+        flat = perm[(x * ny + y) * nz + z]
+        real(flat // (ny * nz), flat // nz % ny, flat % nz)
+
+    builder.set_grid_idx = set_grid_idx
+    try:
+        yield
+    finally:
+        del builder.set_grid_idx
+
+
+def _reversed(n):
+    return list(range(n))[::-1]
+
+
+def _shuffled(n):
+    perm = list(range(n))
+    random.Random(n).shuffle(perm)
+    return perm
+
+
+@pytest.mark.parametrize("case", [SPLIT_CASES[0][0], SPLIT_CASES[2][0], SPLIT_CASES[4][0], SPLIT_CASES[6][0]],
+                         ids=str)
+def test_decode_result_does_not_depend_on_which_program_finishes_last(case):
+    """The last program to arrive at a tile merges it, reading the parts in a fixed order: the
+    same bits whichever program that is (in order: a key-split program; reversed: a prefix program)."""
+    tensors, kwargs = make_inputs(case, requires_grad=False)
+    with torch.no_grad():
+        want = prefix_attn_func(**tensors, **kwargs, return_lse=True, backend="triton")
+        for order in (_reversed, _shuffled):
+            with programs_in_order(order):
+                got = prefix_attn_func(**tensors, **kwargs, return_lse=True, backend="triton")
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), order.__name__
+    check_against_reference(case, torch.float32, "triton")
+
+
+def test_decode_is_one_launch_and_leaves_its_counters_zero(monkeypatch):
+    """One launch per call, one or several splits per part; the arrival counters it keeps per
+    stream are all zero again after each call (the last arrival resets them), so no memset is needed."""
+    launches = []
+    real = triton_launch.launcher
+    monkeypatch.setattr(triton_launch, "launcher", lambda kernel: launches.append(kernel) or real(kernel))
+    for case, _, _ in SPLIT_CASES:
+        tensors, kwargs = make_inputs(case, requires_grad=False)
+        launches.clear()
+        with torch.no_grad():
+            prefix_attn_func(**tensors, **kwargs, backend="triton")
+        assert launches == [triton_launch.decode_kernel], case
+        assert all((counters == 0).all() for counters in triton_launch._ARRIVALS.values()), case
+    assert triton_launch._ARRIVALS  # the cases with several parts used the kept counters
+
+
+def test_decode_drops_its_counters_after_a_failed_launch(monkeypatch):
+    """Regression guard: a launch that fails part-way (here: after the first program) leaves some
+    counters set; they are dropped, not handed to the next call, which is then still right."""
+    case = SPLIT_CASES[2][0]
+    tensors, kwargs = make_inputs(case, requires_grad=False)
+    with torch.no_grad():
+        want = prefix_attn_func(**tensors, **kwargs, return_lse=True, backend="triton")
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    real, seen = builder.set_grid_idx, []
+
+    def fail_on_second_program(x, y, z):
+        seen.append((x, y, z))
+        if len(seen) == 3:
+            raise RuntimeError("injected failure")
+        real(x, y, z)
+
+    monkeypatch.setattr(builder, "set_grid_idx", fail_on_second_program, raising=False)
+    with pytest.raises(Exception, match="injected failure"), torch.no_grad():
+        prefix_attn_func(**tensors, **kwargs, backend="triton")
+    monkeypatch.undo()
+    assert all((counters == 0).all() for counters in triton_launch._ARRIVALS.values())
+    with torch.no_grad():
+        got = prefix_attn_func(**tensors, **kwargs, return_lse=True, backend="triton")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_decode_gradients(monkeypatch):

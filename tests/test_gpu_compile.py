@@ -35,8 +35,7 @@ def compiled():
 def test_everything_compiles_for_sm80_and_sm90(compiled):
     assert {r.cap for r in compiled} == {80, 90}
     assert {r.name for r in compiled} >= {"fwd", "bwd_seq", "prefix_grad_partial", "prefix_grad_reduce",
-                                          "bwd_preprocess", "dropout_mask", "decode_prefix", "decode_seq",
-                                          "decode_merge"}
+                                          "bwd_preprocess", "dropout_mask", "decode"}
 
 
 def test_no_spills_in_hopper_default_configs(compiled):
@@ -60,7 +59,7 @@ def test_spills_stay_small(compiled):
 
 def test_tensor_cores(compiled):
     for r in compiled:
-        if r.name in ("fwd", "bwd_seq", "prefix_grad_partial", "decode_prefix", "decode_seq"):
+        if r.name in ("fwd", "bwd_seq", "prefix_grad_partial", "decode"):
             assert r.uses_mma, f"{r.name} sm{r.cap} {r.variant} does not use tensor cores"
 
 
