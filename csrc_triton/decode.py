@@ -1,7 +1,7 @@
 """Decode-path kernel (a few queries per sequence, e.g. one token per generation step): one launch.
 
-A step's attention is bound by reading K/V from memory. One grid (n_items, H) holds two kinds of
-programs, prefix programs first:
+A step's attention is bound by reading K/V from memory. One grid (n_items, heads) holds two kinds
+of programs, prefix programs first:
 
 1. prefix programs (tile, split): the query rows of the sequences that use one task's prefix are
    stacked into tiles of whole sequences (at most BLOCK_R rows, a tensor-core M dimension), so the
@@ -9,6 +9,11 @@ programs, prefix programs first:
    The prefix is also split along P (``slots_per_split``) so that a long prefix still fills the GPU.
 2. sequence programs (split, sequence): flash-decoding over one sequence's own keys, cut into
    splits of ``keys_per_split`` so that short batches fill the GPU.
+
+Grouped KV heads (H query heads, Hkv KV heads, group_size = H / Hkv): axis 1 of the grid runs over
+KV heads (times chunks of a group), and the query heads of a group are stacked with the query rows,
+so that every KV head of the prefix and of the cache is read once per group (per chunk when
+Lq * group_size rows do not fit one tile), never once per query head and never expanded.
 
 Each program ends with a normalised partial output (fp32) and its lse in log2 units (-inf for an
 empty part). With a single part (no prefix, one key split) the program writes the output itself.
@@ -85,8 +90,9 @@ def _normalise(acc, l_i, m_i):
 def _store_final(Out, Lse, b, i, h, row_ok, out, lse2, stride_ob, stride_om, stride_oh, stride_od, H, Lq,
                  offs_d, HEAD_DIM: tl.constexpr):
     """The output rows (b, i, h) in Out's dtype and their lse (B, H, Lq), natural log."""
-    tl.store(Out + b[:, None] * stride_ob + i[:, None] * stride_om + h * stride_oh + offs_d[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(Out + b[:, None] * stride_ob + i[:, None] * stride_om + h[:, None] * stride_oh
+             + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(Lse + (b * H + h) * Lq + i, lse2 * LN2_C, mask=row_ok)
 
 
@@ -108,19 +114,30 @@ def _store_part(Work, lse_offset, part, b, i, h, row_ok, out, lse2, B, H, Lq, of
 
 
 @triton.jit
-def _merge_tile(Work, lse_offset, Out, Lse, ROW_ORDER, h, seq_lo, seq_hi, n_parts, B, H, Lq,
-                stride_ob, stride_om, stride_oh, stride_od,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_BANK: tl.constexpr):
-    """out = sum_parts exp2(lse_p - lse) * out_p and lse = log-sum-exp of the parts, for the rows of
-    sequences [seq_lo, seq_hi) (task order) at head h; parts read in the fixed order 0..n_parts-1."""
-    rows = seq_lo * Lq + tl.arange(0, BLOCK_R)
-    row_ok = rows < seq_hi * Lq
-    seq = tl.where(row_ok, rows // Lq, 0)
+def _tile_rows(ROW_ORDER, seq_lo, seq_hi, Lq, heads_per_chunk, first_head, BLOCK_R: tl.constexpr,
+               HAS_BANK: tl.constexpr):
+    """The stacked rows of a tile of sequences [seq_lo, seq_hi) (task order): each sequence brings
+    Lq * heads_per_chunk rows (query position i, then query head of the chunk). Returns
+    (row_ok, b, i, h) with b and h int64."""
+    rows_per_seq = Lq * heads_per_chunk
+    rows = seq_lo * rows_per_seq + tl.arange(0, BLOCK_R)
+    row_ok = rows < seq_hi * rows_per_seq
+    seq = tl.where(row_ok, rows // rows_per_seq, 0)
     if HAS_BANK:
         b = tl.load(ROW_ORDER + seq, mask=row_ok, other=0).to(tl.int64)
     else:
         b = seq.to(tl.int64)
-    i = rows % Lq
+    within = rows % rows_per_seq
+    return row_ok, b, within // heads_per_chunk, first_head + (within % heads_per_chunk).to(tl.int64)
+
+
+@triton.jit
+def _merge_tile(Work, lse_offset, Out, Lse, ROW_ORDER, seq_lo, seq_hi, first_head, heads_per_chunk, n_parts,
+                B, H, Lq, stride_ob, stride_om, stride_oh, stride_od,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_BANK: tl.constexpr):
+    """out = sum_parts exp2(lse_p - lse) * out_p and lse = log-sum-exp of the parts, for the rows of
+    a tile; parts read in the fixed order 0..n_parts-1."""
+    row_ok, b, i, h = _tile_rows(ROW_ORDER, seq_lo, seq_hi, Lq, heads_per_chunk, first_head, BLOCK_R, HAS_BANK)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
@@ -149,20 +166,21 @@ def _merge_tile(Work, lse_offset, Out, Lse, ROW_ORDER, h, seq_lo, seq_hi, n_part
 
 
 @triton.jit
-def _arrive(Arrivals, Work, lse_offset, Out, Lse, ROW_ORDER, tile, h, seq_lo, seq_hi, n_psplits, n_ssplits,
-            B, H, Lq, stride_ob, stride_om, stride_oh, stride_od,
+def _arrive(Arrivals, Work, lse_offset, Out, Lse, ROW_ORDER, tile, seq_lo, seq_hi, first_head, heads_per_chunk,
+            n_psplits, n_ssplits, B, H, Lq, stride_ob, stride_om, stride_oh, stride_od,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_BANK: tl.constexpr):
-    """Count this program's part in at its tile; the last of the tile's parts merges the tile.
+    """Count this program's part in at its (tile, head chunk); the last of its parts merges the tile.
 
     A tile of sequences [seq_lo, seq_hi) receives n_psplits prefix parts and n_ssplits parts per
     sequence. See the module docstring for the memory ordering."""
     expected = n_psplits + n_ssplits * (seq_hi - seq_lo)
     tl.debug_barrier()  # every thread's part stores, before the release below
-    counter = Arrivals + tile * H + h
+    counter = Arrivals + tile * tl.num_programs(1) + tl.program_id(1)
     arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
     if arrived == expected - 1:
-        _merge_tile(Work, lse_offset, Out, Lse, ROW_ORDER, h, seq_lo, seq_hi, n_psplits + n_ssplits, B, H, Lq,
-                    stride_ob, stride_om, stride_oh, stride_od, HEAD_DIM, BLOCK_D, BLOCK_R, HAS_BANK)
+        _merge_tile(Work, lse_offset, Out, Lse, ROW_ORDER, seq_lo, seq_hi, first_head, heads_per_chunk,
+                    n_psplits + n_ssplits, B, H, Lq, stride_ob, stride_om, stride_oh, stride_od,
+                    HEAD_DIM, BLOCK_D, BLOCK_R, HAS_BANK)
         # Every part of this tile has arrived: nobody touches the counter again in this launch.
         tl.store(counter, 0)
 
@@ -172,27 +190,22 @@ def _prefix_program(
     Q, PK, PV, PREFIX_LENS, ROW_ORDER, TASK_ROW_START, TASK_TILE_START, TILE_TASK, Out, Lse, Work, Arrivals,
     stride_qb, stride_qm, stride_qh, stride_qd, stride_pkt, stride_pkp, stride_pkh, stride_pkd,
     stride_pvt, stride_pvp, stride_pvh, stride_pvd, stride_ob, stride_om, stride_oh, stride_od,
-    B, H, Lq, P, seqs_per_tile, n_tiles, n_psplits, slots_per_split, n_ssplits, qk_scale, item, h,
+    B, H, Lq, P, seqs_per_tile, n_tiles, n_psplits, slots_per_split, n_ssplits, qk_scale, item, kv_head,
+    first_head, heads_per_chunk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BANK: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Prefix split ``item // n_tiles`` for the stacked rows of tile ``item % n_tiles`` at head h."""
+    """Prefix split ``item // n_tiles`` of KV head kv_head for the stacked rows of tile
+    ``item % n_tiles``: every query row of the tile's sequences at the chunk's query heads."""
     tile = item % n_tiles
     split = item // n_tiles
     task, seq_lo, seq_hi = task_piece_range(TILE_TASK, TASK_TILE_START, TASK_ROW_START, tile, 1, seqs_per_tile, B,
                                             HAS_BANK)
     if task >= 0:  # a bank's plan has more tiles than it uses
         offs_d = tl.arange(0, BLOCK_D)
-        rows = seq_lo * Lq + tl.arange(0, BLOCK_R)
-        row_ok = rows < seq_hi * Lq
-        seq = tl.where(row_ok, rows // Lq, 0)
-        if HAS_BANK:
-            b = tl.load(ROW_ORDER + seq, mask=row_ok, other=0).to(tl.int64)
-        else:
-            b = seq.to(tl.int64)
-        i = rows % Lq
-        q = tl.load(Q + b[:, None] * stride_qb + i[:, None] * stride_qm + h * stride_qh + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        row_ok, b, i, h = _tile_rows(ROW_ORDER, seq_lo, seq_hi, Lq, heads_per_chunk, first_head, BLOCK_R, HAS_BANK)
+        q = tl.load(Q + b[:, None] * stride_qb + i[:, None] * stride_qm + h[:, None] * stride_qh
+                    + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         n_prefix = P
         if HAS_PREFIX_LENS:
             n_prefix = tl.load(PREFIX_LENS + task).to(tl.int32)
@@ -202,14 +215,15 @@ def _prefix_program(
         l_i = tl.zeros((BLOCK_R,), tl.float32)
         acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
         acc, l_i, m_i = _online_softmax_range(
-            acc, l_i, m_i, q, PK + task * stride_pkt + h * stride_pkh, PV + task * stride_pvt + h * stride_pvh,
-            stride_pkp, stride_pkd, stride_pvp, stride_pvd, slot_lo, slot_hi, n_prefix, i, PK, 0, qk_scale,
-            offs_d, HEAD_DIM, BLOCK_N, False, False, DOT_PRECISION)
+            acc, l_i, m_i, q, PK + task * stride_pkt + kv_head * stride_pkh,
+            PV + task * stride_pvt + kv_head * stride_pvh, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
+            slot_lo, slot_hi, n_prefix, i, PK, 0, qk_scale, offs_d, HEAD_DIM, BLOCK_N, False, False, DOT_PRECISION)
         out, lse2 = _normalise(acc, l_i, m_i)
         lse_offset = _lse_offset(n_psplits + n_ssplits, B, Lq, H, HEAD_DIM)  # lse parts follow the outputs
         _store_part(Work, lse_offset, split, b, i, h, row_ok, out, lse2, B, H, Lq, offs_d, HEAD_DIM)
-        _arrive(Arrivals, Work, lse_offset, Out, Lse, ROW_ORDER, tile, h, seq_lo, seq_hi, n_psplits, n_ssplits,
-                B, H, Lq, stride_ob, stride_om, stride_oh, stride_od, HEAD_DIM, BLOCK_D, BLOCK_R, HAS_BANK)
+        _arrive(Arrivals, Work, lse_offset, Out, Lse, ROW_ORDER, tile, seq_lo, seq_hi, first_head, heads_per_chunk,
+                n_psplits, n_ssplits, B, H, Lq, stride_ob, stride_om, stride_oh, stride_od,
+                HEAD_DIM, BLOCK_D, BLOCK_R, HAS_BANK)
 
 
 @triton.jit
@@ -218,12 +232,13 @@ def _sequence_program(
     stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd, stride_maskb, stride_maskn,
     stride_ob, stride_om, stride_oh, stride_od, B, H, Lq, Lk, seqs_per_tile, n_psplits, n_ssplits, keys_per_split,
-    qk_scale, item, h,
+    qk_scale, item, kv_head, first_head, heads_per_chunk,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_BANK: tl.constexpr, HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Key split ``item // B`` of the sequence at place ``item % B`` of task order, at head h."""
+    """Key split ``item // B`` of KV head kv_head of the sequence at place ``item % B`` of task
+    order: its Lq query rows at the chunk's query heads, stacked (the cache is read once per chunk)."""
     split = item // B
     pos = item % B  # the sequence's place in task order (batch order without a bank)
     if HAS_BANK:
@@ -231,9 +246,11 @@ def _sequence_program(
     else:
         b = pos.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    i = tl.arange(0, BLOCK_M)
-    row_ok = i < Lq
-    q = tl.load(Q + b * stride_qb + h * stride_qh + i[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    rows = tl.arange(0, BLOCK_M)  # (i, query head of the chunk), the head fastest
+    row_ok = rows < Lq * heads_per_chunk
+    i = rows // heads_per_chunk
+    h = first_head + (rows % heads_per_chunk).to(tl.int64)
+    q = tl.load(Q + b * stride_qb + i[:, None] * stride_qm + h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     key_lo = split * keys_per_split
     key_hi = tl.minimum(key_lo + keys_per_split, Lk)
@@ -241,7 +258,7 @@ def _sequence_program(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     acc, l_i, m_i = _online_softmax_range(
-        acc, l_i, m_i, q, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+        acc, l_i, m_i, q, K + b * stride_kb + kv_head * stride_kh, V + b * stride_vb + kv_head * stride_vh,
         stride_kn, stride_kd, stride_vn, stride_vd, key_lo, key_hi, Lk, Lk - Lq + i,
         KEY_MASK + b * stride_maskb, stride_maskn, qk_scale, offs_d, HEAD_DIM, BLOCK_N, CAUSAL, HAS_KEY_MASK,
         DOT_PRECISION)
@@ -261,8 +278,9 @@ def _sequence_program(
             tile = pos // seqs_per_tile
         _, seq_lo, seq_hi = task_piece_range(TILE_TASK, TASK_TILE_START, TASK_ROW_START, tile, 1, seqs_per_tile, B,
                                              HAS_BANK)
-        _arrive(Arrivals, Work, lse_offset, Out, Lse, ROW_ORDER, tile, h, seq_lo, seq_hi, n_psplits, n_ssplits,
-                B, H, Lq, stride_ob, stride_om, stride_oh, stride_od, HEAD_DIM, BLOCK_D, BLOCK_R, HAS_BANK)
+        _arrive(Arrivals, Work, lse_offset, Out, Lse, ROW_ORDER, tile, seq_lo, seq_hi, first_head, heads_per_chunk,
+                n_psplits, n_ssplits, B, H, Lq, stride_ob, stride_om, stride_oh, stride_od,
+                HEAD_DIM, BLOCK_D, BLOCK_R, HAS_BANK)
 
 
 @triton.autotune(configs=pick_configs([DECODE_GPU_CONFIG], DECODE_INTERPRETER_CONFIG), key=[])
@@ -277,19 +295,25 @@ def decode_kernel(
     stride_pvt, stride_pvp, stride_pvh, stride_pvd,
     stride_maskb, stride_maskn,
     stride_ob, stride_om, stride_oh, stride_od,
-    B, H, Lq, Lk, P, seqs_per_tile, n_tiles, n_psplits, slots_per_split, n_ssplits, keys_per_split, qk_scale,
+    B, H, Lq, Lk, P, seqs_per_tile, n_tiles, n_psplits, slots_per_split, n_ssplits, keys_per_split,
+    group_size, heads_per_chunk, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_BANK: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (n_tiles * n_psplits + n_ssplits * B, H): prefix programs (tile, split) first, then
-    sequence programs (split, sequence in task order). Without a prefix n_psplits is 0; tiles then
-    group sequences in batch order for the merge only. Optional inputs (PK, PV, PREFIX_IDX,
-    PREFIX_LENS, KEY_MASK, the bank tables) may be the integer 0 where their flag is off: they are
-    read only under HAS_PREFIX / HAS_BANK / HAS_PREFIX_LENS / HAS_KEY_MASK. With a single part
-    (n_psplits + n_ssplits == 1) Work and Arrivals are never touched."""
+    """Grid (n_tiles * n_psplits + n_ssplits * B, Hkv * group_size // heads_per_chunk): prefix
+    programs (tile, split) first, then sequence programs (split, sequence in task order); axis 1 is
+    (KV head, chunk of heads_per_chunk of its group_size query heads), whose query rows are stacked
+    so that each KV head (prefix and cache) is read once per chunk, not once per query head.
+    Without a prefix n_psplits is 0; tiles then group sequences in batch order for the merge only.
+    Optional inputs (PK, PV, PREFIX_IDX, PREFIX_LENS, KEY_MASK, the bank tables) may be the integer
+    0 where their flag is off: they are read only under HAS_PREFIX / HAS_BANK / HAS_PREFIX_LENS /
+    HAS_KEY_MASK. With a single part (n_psplits + n_ssplits == 1) Work and Arrivals are never touched."""
     pid = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
+    chunks_per_group = group_size // heads_per_chunk
+    chunk = tl.program_id(1)
+    kv_head = (chunk // chunks_per_group).to(tl.int64)
+    first_head = kv_head * group_size + (chunk % chunks_per_group) * heads_per_chunk
     n_prefix_items = n_tiles * n_psplits
     if HAS_PREFIX:  # without a prefix the prefix programs are not even compiled
         if pid < n_prefix_items:
@@ -297,15 +321,16 @@ def decode_kernel(
                 Q, PK, PV, PREFIX_LENS, ROW_ORDER, TASK_ROW_START, TASK_TILE_START, TILE_TASK, Out, Lse, Work, Arrivals,
                 stride_qb, stride_qm, stride_qh, stride_qd, stride_pkt, stride_pkp, stride_pkh, stride_pkd,
                 stride_pvt, stride_pvp, stride_pvh, stride_pvd, stride_ob, stride_om, stride_oh, stride_od,
-                B, H, Lq, P, seqs_per_tile, n_tiles, n_psplits, slots_per_split, n_ssplits, qk_scale, pid, h,
-                HEAD_DIM, BLOCK_D, BLOCK_R, BLOCK_N, HAS_BANK, HAS_PREFIX_LENS, DOT_PRECISION)
+                B, H, Lq, P, seqs_per_tile, n_tiles, n_psplits, slots_per_split, n_ssplits, qk_scale, pid, kv_head,
+                first_head, heads_per_chunk, HEAD_DIM, BLOCK_D, BLOCK_R, BLOCK_N, HAS_BANK, HAS_PREFIX_LENS,
+                DOT_PRECISION)
         else:
             _sequence_program(
                 Q, K, V, PREFIX_IDX, KEY_MASK, ROW_ORDER, TASK_ROW_START, TASK_TILE_START, TILE_TASK, Out, Lse, Work,
                 Arrivals, stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
                 stride_vb, stride_vn, stride_vh, stride_vd, stride_maskb, stride_maskn,
                 stride_ob, stride_om, stride_oh, stride_od, B, H, Lq, Lk, seqs_per_tile, n_psplits, n_ssplits,
-                keys_per_split, qk_scale, pid - n_prefix_items, h,
+                keys_per_split, qk_scale, pid - n_prefix_items, kv_head, first_head, heads_per_chunk,
                 HEAD_DIM, BLOCK_D, BLOCK_R, BLOCK_M, BLOCK_N, HAS_BANK, HAS_KEY_MASK, CAUSAL, DOT_PRECISION)
     else:
         _sequence_program(
@@ -313,5 +338,5 @@ def decode_kernel(
             Arrivals, stride_qb, stride_qm, stride_qh, stride_qd, stride_kb, stride_kn, stride_kh, stride_kd,
             stride_vb, stride_vn, stride_vh, stride_vd, stride_maskb, stride_maskn,
             stride_ob, stride_om, stride_oh, stride_od, B, H, Lq, Lk, seqs_per_tile, n_psplits, n_ssplits,
-            keys_per_split, qk_scale, pid, h,
+            keys_per_split, qk_scale, pid, kv_head, first_head, heads_per_chunk,
             HEAD_DIM, BLOCK_D, BLOCK_R, BLOCK_M, BLOCK_N, False, HAS_KEY_MASK, CAUSAL, DOT_PRECISION)

@@ -131,12 +131,14 @@ def _attention_constexprs(head_dim, prefix_len, has_prefix, is_bank, has_lens, h
 
 
 def validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p,
-             softmax_scale) -> AttnDims:
-    """Everything the kernels rely on, checked before any launch."""
+             softmax_scale, forward: bool = False) -> AttnDims:
+    """Everything the kernels rely on, checked before any launch. ``forward``: a forward call,
+    whose decode path (decode_forward) computes grouped KV heads."""
     dims = check_attention_inputs(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
                                   dropout_p, softmax_scale)
     check_triton_device(q.device)
-    refuse_grouped_heads(dims, "triton")
+    if not (forward and dims.seqlen_q <= DECODE_MAX_QUERIES and dropout_p == 0.0):
+        refuse_grouped_heads(dims, "triton")
     check_prefix_values(prefix_idx, prefix_lens, dims)
     check_row_offsets_fit_int32(q=q, k=k, v=v, prefix_k=_as_bank(prefix_k), prefix_v=_as_bank(prefix_v))
     return dims
@@ -148,7 +150,8 @@ def prefix_attn_fwd(q, k, v, prefix_k=None, prefix_v=None, prefix_idx=None, pref
 
     rng_state: (2,) int64 [seed, offset] on q's device, required when dropout_p > 0.
     """
-    dims = validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale)
+    dims = validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale,
+                    forward=True)
     if dropout_p > 0.0 and (rng_state is None or rng_state.shape != (2,)):
         raise ValueError("rng_state must be a (2,) int64 tensor [seed, offset] when dropout_p > 0")
     return forward_unchecked(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal,
@@ -241,35 +244,53 @@ def _decode_splits(total: int, parallel: int, min_per_split: int, block: int, sm
 class _DecodePlan(NamedTuple):
     seqs_per_tile: int  # whole sequences per tile of stacked rows: a sequence's rows merge in one tile
     n_tiles: int  # for a bank an upper bound, known without reading prefix_idx (see _task_pieces)
-    n_counters: int  # arrival counters, one per (tile, head); 0 with a single part
+    heads_per_chunk: int  # query heads of a KV head's group stacked in one program's rows
+    n_psplits: int  # prefix splits (0 without a prefix)
+    n_ssplits: int  # key splits of each sequence's cache
+    n_counters: int  # arrival counters, one per (tile, KV head, chunk); 0 with a single part
     work_size: int  # fp32 workspace elements: n_parts partial outputs and lse; 0 with a single part
     grid: tuple
-    sizes: tuple  # the kernel's trailing integer arguments, from out's strides to keys_per_split
+    sizes: tuple  # the kernel's trailing integer arguments, from out's strides to heads_per_chunk
     constexprs: dict  # one shared dict per plan: read only
 
 
+def _heads_per_chunk(group_size: int, rows_per_head: int, max_rows: int) -> int:
+    """The largest divisor of group_size whose query rows (rows_per_head each) fit one tile."""
+    return max(c for c in range(1, group_size + 1) if group_size % c == 0 and c * rows_per_head <= max_rows)
+
+
 @functools.lru_cache(maxsize=4096)
-def _decode_plan(B: int, Lq: int, H: int, D: int, Lk: int, P: int, T: int, is_bank: bool, has_lens: bool,
+def _decode_plan(B: int, Lq: int, H: int, Hkv: int, D: int, Lk: int, P: int, T: int, is_bank: bool, has_lens: bool,
                  has_mask: bool, causal: bool, precision: str, sms: int, block_r: int, block_n: int, min_split: int,
                  waves: int) -> _DecodePlan:
     """Everything of a decode launch that depends only on sizes and flags, computed once per kind
     of call (a decode step repeats them but for the cache length). The block constants are
-    arguments so that a test that changes them never meets a stale plan."""
-    seqs_per_tile = max(1, block_r // Lq)
+    arguments so that a test that changes them never meets a stale plan.
+
+    Grouped heads (H = group_size * Hkv): the query heads of a group are stacked with the query
+    rows, in chunks of heads_per_chunk heads so that a sequence's rows (Lq per head) fit one tile;
+    axis 1 of the grid runs over (KV head, chunk)."""
+    group_size = H // Hkv
+    heads_per_chunk = _heads_per_chunk(group_size, Lq, block_r)
+    rows_per_seq = Lq * heads_per_chunk
+    n_heads = Hkv * (group_size // heads_per_chunk)  # programs along axis 1
+    seqs_per_tile = block_r // rows_per_seq
     n_tiles = _cdiv(B, seqs_per_tile) + (min(T, B) if is_bank else 0)
-    n_psplits, slots_per_split = _decode_splits(P, n_tiles * H, min_split, block_n, sms, waves) if P else (0, block_n)
-    n_ssplits, keys_per_split = _decode_splits(Lk, B * H, min_split, block_n, sms, waves)
+    n_psplits, slots_per_split = (_decode_splits(P, n_tiles * n_heads, min_split, block_n, sms, waves) if P
+                                  else (0, block_n))
+    n_ssplits, keys_per_split = _decode_splits(Lk, B * n_heads, min_split, block_n, sms, waves)
     n_parts = n_psplits + n_ssplits
     several = n_parts > 1
     out_strides = (Lq * H * D, H * D, D, 1)  # out is allocated contiguous by forward_unchecked
     sizes = (*out_strides, B, H, Lq, Lk, P, seqs_per_tile, n_tiles, n_psplits, slots_per_split, n_ssplits,
-             keys_per_split)
-    constexprs = dict(HEAD_DIM=D, BLOCK_D=max(16, _next_pow2(D)), BLOCK_R=block_r, BLOCK_M=DECODE_BLOCK_M,
-                      BLOCK_N=block_n, HAS_PREFIX=P > 0, HAS_BANK=is_bank, HAS_PREFIX_LENS=has_lens,
-                      HAS_KEY_MASK=has_mask, CAUSAL=causal, DOT_PRECISION=precision)
-    return _DecodePlan(seqs_per_tile, n_tiles, n_tiles * H if several else 0,
-                       n_parts * B * Lq * H * (D + 1) if several else 0,
-                       (n_tiles * n_psplits + n_ssplits * B, H), sizes, constexprs)
+             keys_per_split, group_size, heads_per_chunk)
+    constexprs = dict(HEAD_DIM=D, BLOCK_D=max(16, _next_pow2(D)), BLOCK_R=block_r,
+                      BLOCK_M=max(DECODE_BLOCK_M, _next_pow2(rows_per_seq)), BLOCK_N=block_n, HAS_PREFIX=P > 0,
+                      HAS_BANK=is_bank, HAS_PREFIX_LENS=has_lens, HAS_KEY_MASK=has_mask, CAUSAL=causal,
+                      DOT_PRECISION=precision)
+    return _DecodePlan(seqs_per_tile, n_tiles, heads_per_chunk, n_psplits, n_ssplits,
+                       n_tiles * n_heads if several else 0, n_parts * B * Lq * H * (D + 1) if several else 0,
+                       (n_tiles * n_psplits + n_ssplits * B, n_heads), sizes, constexprs)
 
 
 # (device index, raw stream) -> int32 arrival counters of the decode kernel, all zero between launches.
@@ -307,6 +328,10 @@ def decode_forward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attenti
     keys with split-KV, and the parts are merged by log-sum-exp in fp32 by the last program to
     finish each tile (csrc_triton/decode.py). Same results as the main forward kernel.
 
+    Grouped KV heads (k, v (B, Lk, Hkv, D), prefix (..., P, Hkv, D), H % Hkv == 0) are computed
+    here: the query heads of a group are stacked with the query rows, so each KV head, of the
+    prefix and of the cache, is read once per group (or chunk of it), never expanded in memory.
+
     Absent optional tensors are passed as the integer 0: the kernel reads them only under the
     constexpr flag that says they are there, and fewer tensor arguments cost less per launch."""
     B, Lq, H, D = q.shape
@@ -315,7 +340,7 @@ def decode_forward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attenti
     has_lens = has_prefix and prefix_lens is not None
     mask = _mask_arg(attention_mask)
     device = q.device
-    plan = _decode_plan(B, Lq, H, D, dims.seqlen_k, dims.prefix_len, dims.num_tasks, is_bank, has_lens,
+    plan = _decode_plan(B, Lq, H, dims.kv_heads, D, dims.seqlen_k, dims.prefix_len, dims.num_tasks, is_bank, has_lens,
                         mask is not None, bool(causal), _dot_precision(q.dtype), num_sms(device), DECODE_BLOCK_R,
                         DECODE_BLOCK_N, DECODE_MIN_SPLIT, DECODE_WAVES)
     if is_bank:

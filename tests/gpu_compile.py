@@ -26,7 +26,7 @@ from csrc_triton.prefix_grad import prefix_grad_partial_kernel, prefix_grad_redu
 INT_ARGS = {"B", "H", "Lq", "Lk", "P", "P_pad", "TUNE_LQ", "TUNE_LK", "drop_groups_per_row", "keep_threshold",
             "n_query_blocks", "items_per_piece", "n_items", "n_pieces", "n_rows", "n_cols_prefix", "n_cols_seq",
             "slots_per_split", "keys_per_split", "first_part", "n_parts", "seqs_per_tile", "n_tiles", "n_psplits",
-            "n_ssplits"}
+            "n_ssplits", "group_size", "heads_per_chunk"}
 DEFAULT_MARK = " (default)"  # the config a launch uses without autotuning
 DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
@@ -201,10 +201,12 @@ def compile_specs(caps=(80, 90)):
             for head_dim in (64, 128):
                 block_d = max(16, 1 << (head_dim - 1).bit_length())
                 # a shared prefix (the default launch of GPT-2 decoding), a bank with lengths and a
-                # key mask, and no prefix at all (absent tensors passed as the integer 0)
-                for kind, prefix, bank, mask in (("shared", True, False, False), ("bank+lens+mask", True, True, True),
-                                                 ("no prefix", False, False, True)):
-                    cx = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=64, BLOCK_M=16, BLOCK_N=64,
+                # key mask, no prefix at all (absent tensors passed as the integer 0), and grouped
+                # heads whose sequence programs stack 64 rows (Lq * query heads of a group)
+                for kind, prefix, bank, mask, block_m in (
+                        ("shared", True, False, False, 16), ("bank+lens+mask", True, True, True, 16),
+                        ("no prefix", False, False, True, 16), ("grouped heads, 64-row", True, True, True, 64)):
+                    cx = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=64, BLOCK_M=block_m, BLOCK_N=64,
                               HAS_PREFIX=prefix, HAS_BANK=bank, HAS_PREFIX_LENS=bank, HAS_KEY_MASK=mask, CAUSAL=True,
                               DOT_PRECISION="ieee")
                     specs.append(("decode", cap, dtype, cx, DECODE_GPU_CONFIG.num_warps, DECODE_GPU_CONFIG.num_stages,

@@ -113,7 +113,8 @@ def test_decode_gpu_constants_in_the_interpreter(force, monkeypatch, case):
     # The decode path ran with 64-row tiles, the prefix and the keys each cut into two splits of
     # 64-key blocks.
     assert plans and all(plan.constexprs["BLOCK_R"] == 64 and plan.constexprs["BLOCK_N"] == 64 for plan in plans)
-    B, H, Lq, Lk, P, seqs_per_tile, n_tiles, n_psplits, slots_per_split, n_ssplits, keys_per_split = plans[0].sizes[4:]
-    assert (n_psplits, n_ssplits) == (2, 2), plans[0]
+    plan = plans[0]
+    slots_per_split, keys_per_split = plan.sizes[12], plan.sizes[14]  # after out's strides, B, H, Lq, Lk, P, ...
+    assert (plan.n_psplits, plan.n_ssplits) == (2, 2), plan
     assert slots_per_split % 64 == 0 and keys_per_split % 64 == 0
-    assert seqs_per_tile == 64 // case.Lq
+    assert plan.seqs_per_tile == 64 // case.Lq

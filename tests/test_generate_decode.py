@@ -471,8 +471,7 @@ class PlanSpy:
 
         def plan(*args):
             found = real_plan(*args)
-            sizes = found.sizes[4:]  # B, H, Lq, Lk, P, seqs_per_tile, n_tiles, n_psplits, slots, n_ssplits, keys
-            self.splits.append((sizes[2], sizes[7], sizes[9]))
+            self.splits.append((args[1], found.n_psplits, found.n_ssplits))  # args[1]: queries per sequence
             return found
 
         def launcher(kernel):
