@@ -4,14 +4,14 @@ Tensors follow the contract (batch, seqlen, heads, head_dim) with any strides; n
 """
 import functools
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from csrc_triton.attn_bwd import bwd_kernel, bwd_preprocess_kernel
 from csrc_triton.attn_fwd import prefix_attn_fwd_kernel
 from csrc_triton.common import INTERPRET, LOG2E
-from csrc_triton.decode import decode_merge_kernel, decode_prefix_kernel, decode_seq_kernel
+from csrc_triton.decode import decode_kernel
 from csrc_triton.dropout_mask import dropout_mask_kernel
 from prefix_attn._launch import launcher
 from prefix_attn.args import AttnArgs
@@ -131,12 +131,14 @@ def _attention_constexprs(head_dim, prefix_len, has_prefix, is_bank, has_lens, h
 
 
 def validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p,
-             softmax_scale) -> AttnDims:
-    """Everything the kernels rely on, checked before any launch."""
+             softmax_scale, forward: bool = False) -> AttnDims:
+    """Everything the kernels rely on, checked before any launch. ``forward``: a forward call,
+    whose decode path (decode_forward) computes grouped KV heads."""
     dims = check_attention_inputs(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
                                   dropout_p, softmax_scale)
     check_triton_device(q.device)
-    refuse_grouped_heads(dims, "triton")
+    if not (forward and dims.seqlen_q <= DECODE_MAX_QUERIES and dropout_p == 0.0):
+        refuse_grouped_heads(dims, "triton")
     check_prefix_values(prefix_idx, prefix_lens, dims)
     check_row_offsets_fit_int32(q=q, k=k, v=v, prefix_k=_as_bank(prefix_k), prefix_v=_as_bank(prefix_v))
     return dims
@@ -148,7 +150,8 @@ def prefix_attn_fwd(q, k, v, prefix_k=None, prefix_v=None, prefix_idx=None, pref
 
     rng_state: (2,) int64 [seed, offset] on q's device, required when dropout_p > 0.
     """
-    dims = validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale)
+    dims = validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale,
+                    forward=True)
     if dropout_p > 0.0 and (rng_state is None or rng_state.shape != (2,)):
         raise ValueError("rng_state must be a (2,) int64 tensor [seed, offset] when dropout_p > 0")
     args = AttnArgs(prefix_idx, prefix_lens, attention_mask, bool(causal), default_scale(dims.head_dim, softmax_scale),
@@ -232,55 +235,150 @@ def _build_task_pieces(dims: AttnDims, prefix_idx, device, units_per_row: int, u
     return n_pieces, (row_order, task_row_start, task_piece_start, piece_task)
 
 
-def _decode_splits(total: int, parallel: int, min_per_split: int, block: int, device) -> tuple[int, int]:
-    """(n_splits, per_split) that cut ``total`` keys so that parallel * n_splits fills the GPU,
-    each split at least ``min_per_split`` long and a multiple of ``block``."""
+def _decode_splits(total: int, parallel: int, min_per_split: int, block: int, sms: int,
+                   waves: int = DECODE_WAVES) -> tuple[int, int]:
+    """(n_splits, per_split) that cut ``total`` keys so that parallel * n_splits fills the GPU
+    (``waves`` programs per SM), each split at least ``min_per_split`` long and a multiple of ``block``."""
     if total <= 0:
         return 0, block
-    want = max(1, _cdiv(DECODE_WAVES * num_sms(device), max(1, parallel)))
+    want = max(1, _cdiv(waves * sms, max(1, parallel)))
     n_splits = max(1, min(want, _cdiv(total, min_per_split)))
     per_split = _cdiv(_cdiv(total, n_splits), block) * block
     return _cdiv(total, per_split), per_split
 
 
+class _DecodePlan(NamedTuple):
+    seqs_per_tile: int  # whole sequences per tile of stacked rows: a sequence's rows merge in one tile
+    n_tiles: int  # for a bank an upper bound, known without reading prefix_idx (see _task_pieces)
+    heads_per_chunk: int  # query heads of a KV head's group stacked in one program's rows
+    n_psplits: int  # prefix splits (0 without a prefix)
+    n_ssplits: int  # key splits of each sequence's cache
+    n_counters: int  # arrival counters, one per (tile, KV head, chunk); 0 with a single part
+    work_size: int  # fp32 workspace elements: n_parts partial outputs and lse; 0 with a single part
+    grid: tuple
+    sizes: tuple  # the kernel's trailing integer arguments, from out's strides to heads_per_chunk
+    constexprs: dict  # one shared dict per plan: read only
+
+
+def _heads_per_chunk(group_size: int, rows_per_head: int, max_rows: int) -> int:
+    """The largest divisor of group_size whose query rows (rows_per_head each) fit one tile."""
+    return max(c for c in range(1, group_size + 1) if group_size % c == 0 and c * rows_per_head <= max_rows)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_plan(B: int, Lq: int, H: int, Hkv: int, D: int, Lk: int, P: int, T: int, is_bank: bool, has_lens: bool,
+                 has_mask: bool, causal: bool, precision: str, sms: int, block_r: int, block_n: int, min_split: int,
+                 waves: int) -> _DecodePlan:
+    """Everything of a decode launch that depends only on sizes and flags, computed once per kind
+    of call (a decode step repeats them but for the cache length). The block constants are
+    arguments so that a test that changes them never meets a stale plan.
+
+    Grouped heads (H = group_size * Hkv): the query heads of a group are stacked with the query
+    rows, in chunks of heads_per_chunk heads so that a sequence's rows (Lq per head) fit one tile;
+    axis 1 of the grid runs over (KV head, chunk)."""
+    group_size = H // Hkv
+    heads_per_chunk = _heads_per_chunk(group_size, Lq, block_r)
+    rows_per_seq = Lq * heads_per_chunk
+    n_heads = Hkv * (group_size // heads_per_chunk)  # programs along axis 1
+    seqs_per_tile = block_r // rows_per_seq
+    n_tiles = _cdiv(B, seqs_per_tile) + (min(T, B) if is_bank else 0)
+    n_psplits, slots_per_split = (_decode_splits(P, n_tiles * n_heads, min_split, block_n, sms, waves) if P
+                                  else (0, block_n))
+    n_ssplits, keys_per_split = _decode_splits(Lk, B * n_heads, min_split, block_n, sms, waves)
+    n_parts = n_psplits + n_ssplits
+    several = n_parts > 1
+    out_strides = (Lq * H * D, H * D, D, 1)  # out is allocated contiguous by forward_unchecked
+    sizes = (*out_strides, B, H, Lq, Lk, P, seqs_per_tile, n_tiles, n_psplits, slots_per_split, n_ssplits,
+             keys_per_split, group_size, heads_per_chunk)
+    constexprs = dict(HEAD_DIM=D, BLOCK_D=max(16, _next_pow2(D)), BLOCK_R=block_r,
+                      BLOCK_M=max(DECODE_BLOCK_M, _next_pow2(rows_per_seq)), BLOCK_N=block_n, HAS_PREFIX=P > 0,
+                      HAS_BANK=is_bank, HAS_PREFIX_LENS=has_lens, HAS_KEY_MASK=has_mask, CAUSAL=causal,
+                      DOT_PRECISION=precision)
+    return _DecodePlan(seqs_per_tile, n_tiles, heads_per_chunk, n_psplits, n_ssplits,
+                       n_tiles * n_heads if several else 0, n_parts * B * Lq * H * (D + 1) if several else 0,
+                       (n_tiles * n_psplits + n_ssplits * B, n_heads), sizes, constexprs)
+
+
+# (device index, raw stream) -> int32 arrival counters of the decode kernel, all zero between launches.
+_ARRIVALS: dict = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least ``n`` zeroed int32 arrival counters for one decode launch on the current stream.
+
+    The decode kernel's last arrival at each counter sets it back to 0, so a buffer is zero again
+    when its launch ends and is kept, without a memset per call, for the next launch. Kernels on
+    one stream run one after another, so the buffer is kept per (device, stream): launches on two
+    streams never share counters. While a CUDA graph is captured a fresh zeroed buffer is taken
+    instead: the memset is recorded into the graph, and the buffer lives in the graph's own pool, so
+    every graph has its own counters, zeroed at each replay, whatever stream replays it and however
+    a previous replay ended. (A kernel that faults leaves counters set, but it also leaves the CUDA
+    context unusable; the interpreter's case is handled in decode_forward.)
+    """
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(max(n, 1), dtype=torch.int32, device=device)
+        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    else:  # CPU tensors: the interpreter (or the host benchmark's fake driver)
+        key = (-1, 0)
+    counters = _ARRIVALS.get(key)
+    if counters is None or counters.numel() < n:
+        counters = _ARRIVALS[key] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+    return counters
+
+
 def decode_forward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
                    dims: AttnDims, out, lse):
-    """Forward for a few queries per sequence (Lq <= DECODE_MAX_QUERIES), memory-bound: the prefix
-    is read once per tile of stacked query rows of one task, each sequence's keys with split-KV, and
-    all parts are merged by log-sum-exp in fp32. Same results as the main forward kernel."""
+    """Forward for a few queries per sequence (Lq <= DECODE_MAX_QUERIES), memory-bound, in one
+    launch: the prefix is read once per tile of stacked query rows of one task, each sequence's
+    keys with split-KV, and the parts are merged by log-sum-exp in fp32 by the last program to
+    finish each tile (csrc_triton/decode.py). Same results as the main forward kernel.
+
+    Grouped KV heads (k, v (B, Lk, Hkv, D), prefix (..., P, Hkv, D), H % Hkv == 0) are computed
+    here: the query heads of a group are stacked with the query rows, so each KV head, of the
+    prefix and of the cache, is read once per group (or chunk of it), never expanded in memory.
+
+    Absent optional tensors are passed as the integer 0: the kernel reads them only under the
+    constexpr flag that says they are there, and fewer tensor arguments cost less per launch."""
     B, Lq, H, D = q.shape
-    Lk, P = dims.seqlen_k, dims.prefix_len
-    device = q.device
-    scale = default_scale(D, softmax_scale)
-    block_d = max(16, _next_pow2(D))
-    precision = _dot_precision(q.dtype)
-    n_tiles, tables = _task_pieces(dims, prefix_idx, device, Lq, DECODE_BLOCK_R) if dims.has_prefix else (0, None)
-    n_psplits, slots_per_split = _decode_splits(P, n_tiles * H, DECODE_MIN_SPLIT, DECODE_BLOCK_N, device)
-    n_ssplits, keys_per_split = _decode_splits(Lk, B * H, DECODE_MIN_SPLIT, DECODE_BLOCK_N, device)
-    n_parts = n_psplits + n_ssplits
-    part_out = torch.empty((n_parts, B, Lq, H, D), dtype=torch.float32, device=device)
-    part_lse = torch.empty((n_parts, B, H, Lq), dtype=torch.float32, device=device)
-    if n_psplits:
-        tables = tables if tables is not None else (q,) * 4
-        launcher(decode_prefix_kernel)((n_tiles, n_psplits, H), (
-            q, prefix_k, prefix_v, prefix_lens if prefix_lens is not None else q, *tables, part_out, part_lse,
-            *q.stride(), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
-            B, H, Lq, P, B * Lq, slots_per_split, scale * LOG2E), dict(
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=DECODE_BLOCK_R, BLOCK_P=DECODE_BLOCK_N,
-            HAS_BANK=dims.is_bank, HAS_PREFIX_LENS=prefix_lens is not None, DOT_PRECISION=precision,
-        ))
+    has_prefix = dims.has_prefix
+    is_bank = has_prefix and dims.is_bank
+    has_lens = has_prefix and prefix_lens is not None
     mask = _mask_arg(attention_mask)
-    launcher(decode_seq_kernel)((n_ssplits, B * H), (
-        q, k, v, mask if mask is not None else q, part_out, part_lse,
-        *q.stride(), *k.stride(), *v.stride(), *(mask.stride() if mask is not None else (0, 0)),
-        B, H, Lq, Lk, keys_per_split, n_psplits, scale * LOG2E), dict(
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=DECODE_BLOCK_M, BLOCK_N=DECODE_BLOCK_N,
-        HAS_KEY_MASK=mask is not None, CAUSAL=bool(causal), DOT_PRECISION=precision,
-    ))
-    launcher(decode_merge_kernel)((B * H,), (
-        part_out, part_lse, out, lse, *out.stride(), B, H, Lq, n_parts), dict(
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=DECODE_BLOCK_M,
-    ))
+    device = q.device
+    plan = _decode_plan(B, Lq, H, dims.kv_heads, D, dims.seqlen_k, dims.prefix_len, dims.num_tasks, is_bank, has_lens,
+                        mask is not None, bool(causal), _dot_precision(q.dtype), num_sms(device), DECODE_BLOCK_R,
+                        DECODE_BLOCK_N, DECODE_MIN_SPLIT, DECODE_WAVES)
+    if is_bank:
+        n_tiles, tables = _task_pieces(dims, prefix_idx, device, 1, plan.seqs_per_tile)
+        assert n_tiles == plan.n_tiles, (n_tiles, plan.n_tiles)
+    else:
+        tables = (0, 0, 0, 0)
+    if plan.work_size:
+        work = torch.empty(plan.work_size, dtype=torch.float32, device=device)
+        arrivals = _arrival_counters(device, plan.n_counters)
+    else:  # a single part: the kernel writes out and lse itself, and touches neither
+        work, arrivals = lse, lse
+    if has_prefix:
+        prefix_args = (prefix_k, prefix_v, prefix_idx if is_bank else 0, prefix_lens if has_lens else 0)
+        prefix_strides = (*_prefix_strides(prefix_k), *_prefix_strides(prefix_v))
+    else:
+        prefix_args, prefix_strides = (0, 0, 0, 0), (0,) * 8
+    args = (q, k, v, *prefix_args, mask if mask is not None else 0, *tables, out, lse, work, arrivals,
+            *q.stride(), *k.stride(), *v.stride(), *prefix_strides, *(mask.stride() if mask is not None else (0, 0)),
+            *plan.sizes, default_scale(D, softmax_scale) * LOG2E)
+    if not plan.work_size:
+        launcher(decode_kernel)(plan.grid, args, plan.constexprs)
+        return out, lse
+    try:
+        launcher(decode_kernel)(plan.grid, args, plan.constexprs)
+    except BaseException:
+        # A launch that failed part-way (the interpreter runs programs one at a time) may leave
+        # counters set: drop them rather than hand them to the next launch.
+        for key, counters in list(_ARRIVALS.items()):
+            if counters is arrivals:
+                del _ARRIVALS[key]
+        raise
     return out, lse
 
 

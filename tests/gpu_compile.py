@@ -19,13 +19,14 @@ from triton.runtime.autotuner import Autotuner
 
 from csrc_triton.attn_bwd import BWD_GPU_CONFIGS, bwd_kernel, bwd_preprocess_kernel
 from csrc_triton.attn_fwd import FWD_GPU_CONFIGS, prefix_attn_fwd_kernel
-from csrc_triton.decode import decode_merge_kernel, decode_prefix_kernel, decode_seq_kernel
+from csrc_triton.decode import DECODE_GPU_CONFIG, decode_kernel
 from csrc_triton.dropout_mask import dropout_mask_kernel
 
 INT_ARGS = {"B", "H", "Lq", "Lk", "P", "P_pad", "TUNE_LQ", "TUNE_LK", "drop_groups_per_row", "keep_threshold",
             "n_query_blocks", "items_per_piece", "n_items", "n_pieces", "n_rows", "n_cols_prefix", "n_cols_seq",
             "slots_per_split", "keys_per_split", "first_part", "n_parts", "n_rows", "ws_size", "n_counters",
-            "n_pblocks", "n_prefix_query_blocks"}
+            "n_pblocks", "n_prefix_query_blocks", "seqs_per_tile", "n_tiles", "n_psplits", "n_ssplits", "group_size",
+            "heads_per_chunk"}
 DEFAULT_MARK = " (default)"  # the config a launch uses without autotuning
 DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
@@ -118,8 +119,9 @@ def _attn_types(dtype):
             return "*i64"
         if name == "KEY_MASK":
             return "*u8"
-        if name in ("Lse", "LseLog2", "Delta", "dLse", "dPK_ws", "dPV_ws", "OutPart", "LsePart",
-                    "Scratch"):
+        if name == "Arrivals":
+            return "*i32"
+        if name in ("Lse", "LseLog2", "Delta", "dLse", "dPK_ws", "dPV_ws", "OutPart", "LsePart", "Scratch", "Work"):
             return "*fp32"
         if name in ("qk_scale", "softmax_scale", "dropout_scale"):
             return "fp32"
@@ -145,8 +147,7 @@ def _bwd_constexprs(cx):
 
 KERNELS = {
     "fwd": prefix_attn_fwd_kernel, "bwd": bwd_kernel, "bwd_preprocess": bwd_preprocess_kernel,
-    "dropout_mask": dropout_mask_kernel, "decode_prefix": decode_prefix_kernel, "decode_seq": decode_seq_kernel,
-    "decode_merge": decode_merge_kernel,
+    "dropout_mask": dropout_mask_kernel, "decode": decode_kernel,
 }
 
 
@@ -198,19 +199,39 @@ def compile_specs(caps=(80, 90)):
         for dtype in ("fp16", "bf16"):
             for head_dim in (64, 128):
                 block_d = max(16, 1 << (head_dim - 1).bit_length())
-                common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION="ieee")
-                specs.append(("decode_prefix", cap, dtype, dict(common, BLOCK_R=64, BLOCK_P=64, HAS_BANK=True,
-                                                                HAS_PREFIX_LENS=True), 4, 3, f"{dtype} d{head_dim}"))
-                specs.append(("decode_seq", cap, dtype, dict(common, BLOCK_M=16, BLOCK_N=64, HAS_KEY_MASK=True,
-                                                             CAUSAL=True), 4, 3, f"{dtype} d{head_dim}"))
-                specs.append(("decode_merge", cap, dtype, dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=16),
-                              4, 3, f"{dtype} d{head_dim}"))
+                # a shared prefix (the default launch of GPT-2 decoding), a bank with lengths and a
+                # key mask, no prefix at all (absent tensors passed as the integer 0), and grouped
+                # heads whose sequence programs stack 64 rows (Lq * query heads of a group)
+                for kind, prefix, bank, mask, block_m in (
+                        ("shared", True, False, False, 16), ("bank+lens+mask", True, True, True, 16),
+                        ("no prefix", False, False, True, 16), ("grouped heads, 64-row", True, True, True, 64)):
+                    cx = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=64, BLOCK_M=block_m, BLOCK_N=64,
+                              HAS_PREFIX=prefix, HAS_BANK=bank, HAS_PREFIX_LENS=bank, HAS_KEY_MASK=mask, CAUSAL=True,
+                              DOT_PRECISION="ieee")
+                    specs.append(("decode", cap, dtype, cx, DECODE_GPU_CONFIG.num_warps, DECODE_GPU_CONFIG.num_stages,
+                                  f"{dtype} d{head_dim} {kind}{DEFAULT_MARK if kind == 'shared' else ''}"))
     return specs
+
+
+def _decode_types(dtype, constexprs):
+    """The decode launcher passes absent optional tensors as the integer 0 (see decode_forward)."""
+    types = _attn_types(dtype)
+    absent = set()
+    if not constexprs["HAS_PREFIX"]:
+        absent |= {"PK", "PV"}
+    if not constexprs["HAS_BANK"]:
+        absent |= {"PREFIX_IDX", "ROW_ORDER", "TASK_ROW_START", "TASK_TILE_START", "TILE_TASK"}
+    if not constexprs["HAS_PREFIX_LENS"]:
+        absent.add("PREFIX_LENS")
+    if not constexprs["HAS_KEY_MASK"]:
+        absent.add("KEY_MASK")
+    return lambda name: "i32" if name in absent else types(name)
 
 
 def _compile_spec(spec):
     name, cap, dtype, constexprs, num_warps, num_stages, variant = spec
-    return compile_kernel(KERNELS[name], name, cap, _attn_types(dtype), constexprs, num_warps, num_stages, variant)
+    types = _decode_types(dtype, constexprs) if name == "decode" else _attn_types(dtype)
+    return compile_kernel(KERNELS[name], name, cap, types, constexprs, num_warps, num_stages, variant)
 
 
 def compile_all(caps=(80, 90), jobs=1):

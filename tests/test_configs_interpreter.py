@@ -91,8 +91,9 @@ def test_every_config_is_covered():
         assert all(min(case.Lq, case.Lk) > max(c.kwargs.values()) for case in CASES if case.causal)
 
 
-# Decode: B * Lq = 80 stacked rows cross a 64-row tile; P = 300 and Lk = 300 are cut into two
-# 256-key splits made of 64-key blocks (B * H is small, so the splits are wanted).
+# Decode: B * Lq = 80 stacked rows cross a 64-row tile (tiles of 4 sequences of 16 rows, and of 21
+# sequences of 3 rows: 63 rows, a ragged tile); P = 300 and Lk = 300 are cut into two 256-key splits
+# made of 64-key blocks (B * H is small, so the splits are wanted), merged by the last arrival.
 DECODE_CASES = [
     Case(B=5, Lq=16, Lk=300, H=1, D=64, P=300, mask="left"),
     Case(B=5, Lq=3, Lk=300, H=1, D=32, P=300, T=2, prefix_lens=True),
@@ -102,15 +103,20 @@ DECODE_CASES = [
 @pytest.mark.parametrize("case", DECODE_CASES, ids=str)
 def test_decode_gpu_constants_in_the_interpreter(force, monkeypatch, case):
     force(block_p=64, **GPU_LAUNCH_CONSTANTS, **GPU_DECODE_CONSTANTS)
-    splits = []
-    real = launch._decode_splits
+    plans = []
+    real = launch._decode_plan
 
     def spy(*args):
-        splits.append(real(*args))
-        return splits[-1]
+        plans.append(real(*args))
+        return plans[-1]
 
-    monkeypatch.setattr(launch, "_decode_splits", spy)
+    monkeypatch.setattr(launch, "_decode_plan", spy)
     check_against_reference(case, torch.float32, "triton")
-    # The decode path ran, with the prefix and the keys each cut into two splits of 64-key blocks.
-    assert [n for n, _ in splits] == [2, 2], splits
-    assert all(per_split % 64 == 0 for _, per_split in splits)
+    # The decode path ran with 64-row tiles, the prefix and the keys each cut into two splits of
+    # 64-key blocks.
+    assert plans and all(plan.constexprs["BLOCK_R"] == 64 and plan.constexprs["BLOCK_N"] == 64 for plan in plans)
+    plan = plans[0]
+    slots_per_split, keys_per_split = plan.sizes[12], plan.sizes[14]  # after out's strides, B, H, Lq, Lk, P, ...
+    assert (plan.n_psplits, plan.n_ssplits) == (2, 2), plan
+    assert slots_per_split % 64 == 0 and keys_per_split % 64 == 0
+    assert plan.seqs_per_tile == 64 // case.Lq

@@ -459,3 +459,48 @@ def test_triton_decode_kernels_through_generate(monkeypatch, route, mode, extra)
         assert call["prefix_idx"] == want_idx
     if extra:
         assert {call["k"][1] for call in steps} == {ids.shape[1] + MAX_NEW - 1}  # the whole static buffer
+
+
+class PlanSpy:
+    """Records (queries per sequence, prefix splits, key splits) of every decode call and counts the
+    decode kernel's launches."""
+
+    def __init__(self, monkeypatch):
+        self.splits, self.launches = [], 0
+        real_plan, real_launcher = triton_launch._decode_plan, triton_launch.launcher
+
+        def plan(*args):
+            found = real_plan(*args)
+            self.splits.append((args[1], found.n_psplits, found.n_ssplits))  # args[1]: queries per sequence
+            return found
+
+        def launcher(kernel):
+            self.launches += kernel is triton_launch.decode_kernel
+            return real_launcher(kernel)
+
+        monkeypatch.setattr(triton_launch, "_decode_plan", plan)
+        monkeypatch.setattr(triton_launch, "launcher", launcher)
+
+
+@pytest.mark.parametrize("prompt_length,several", [(9, False), (40, True)], ids=["one-split", "several-splits"])
+def test_triton_decode_splits_through_generate(monkeypatch, prompt_length, several):
+    """generate() over a bank with each decode step in one launch: with a 9-token prompt every part
+    (prefix, cache) is one split, so the launch merges two parts; with a 40-token prompt each cache
+    is cut into several key splits (the interpreter's 16-key splits) merged by the last arrival.
+    Tokens equal the no-cache recompute over the concatenation, and the torch backend's."""
+    model = native_bank(DEVICE)
+    ids, mask = make_batch("left", length=prompt_length, device=DEVICE)
+    monkeypatch.setenv("PREFIX_ATTN_BACKEND", "torch")
+    with_torch = generate(model, ids, mask, "greedy", PREFIX_IDX)
+    monkeypatch.setenv("PREFIX_ATTN_BACKEND", "triton")
+    spy = PlanSpy(monkeypatch)
+    with_triton = generate(model, ids, mask, "greedy", PREFIX_IDX)
+    assert torch.equal(with_triton, with_torch)
+    assert torch.equal(with_triton, truth(model, ids, mask, "greedy", PREFIX_IDX))
+    assert len(spy.splits) == spy.launches  # one launch per call (a 9-token prefill takes the decode path too)
+    steps = [(prefix, keys) for queries, prefix, keys in spy.splits if queries == 1]
+    assert len(steps) == N_LAYER * (MAX_NEW - 1)
+    if several:
+        assert all(prefix == 1 and keys >= 2 for prefix, keys in steps), steps
+    else:
+        assert set(steps) == {(1, 1)}, steps

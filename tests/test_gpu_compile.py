@@ -34,8 +34,7 @@ def compiled():
 
 def test_everything_compiles_for_sm80_and_sm90(compiled):
     assert {r.cap for r in compiled} == {80, 90}
-    assert {r.name for r in compiled} >= {"fwd", "bwd", "bwd_preprocess", "dropout_mask", "decode_prefix",
-                                          "decode_seq", "decode_merge"}
+    assert {r.name for r in compiled} >= {"fwd", "bwd", "bwd_preprocess", "dropout_mask", "decode"}
 
 
 def test_no_spills_in_hopper_default_configs(compiled):
@@ -59,7 +58,7 @@ def test_spills_stay_small(compiled):
 
 def test_tensor_cores(compiled):
     for r in compiled:
-        if r.name in ("fwd", "bwd", "decode_prefix", "decode_seq"):
+        if r.name in ("fwd", "bwd", "decode"):
             assert r.uses_mma, f"{r.name} sm{r.cap} {r.variant} does not use tensor cores"
 
 
