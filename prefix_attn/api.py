@@ -93,9 +93,12 @@ def prefix_attn_func(
     Args:
         q: (batch, seqlen_q, heads, head_dim). Query i sits at key position seqlen_k - seqlen_q + i
             (bottom-right alignment: training, prefill and decoding with a cache alike).
-        k, v: (batch, seqlen_k, heads, head_dim), seqlen_q <= seqlen_k.
-        prefix_k, prefix_v: None (plain attention), (P, heads, head_dim) shared by the batch, or a
-            bank (T, P, heads, head_dim) of T task prefixes.
+        k, v: (batch, seqlen_k, kv_heads, head_dim), seqlen_q <= seqlen_k; kv_heads = heads, or a
+            divisor of it (grouped heads, GQA/MQA): query head h reads KV head h // (heads // kv_heads).
+            backend="triton" does not yet serve grouped heads on its decode path (seqlen_q <= 16
+            without dropout): ValueError there.
+        prefix_k, prefix_v: None (plain attention), (P, kv_heads, head_dim) shared by the batch, or a
+            bank (T, P, kv_heads, head_dim) of T task prefixes.
         prefix_idx: (batch,) integer, each sequence's task in the bank (required with a bank).
         prefix_lens: (T,) integer, optional: task t uses only its first prefix_lens[t] slots
             ((1,) for a shared prefix).
