@@ -3,9 +3,10 @@
 1. ``bwd_preprocess_kernel``: delta = rowsum(dO * O) - dLSE and the lse in log2 units, with empty
    rows (lse = -inf) turned to +inf so that recomputed probabilities are 0 there; it also zeroes
    the prefix-gradient counters that the next launch counts with.
-2. ``bwd_kernel``: its sequence programs compute, for program j of one (b, h), dK/dV of the
-   sequence's key block j (key-stationary, looping over queries) and dQ of query block j
-   (query-stationary, looping over the prefix and the sequence keys). Causal work per key block
+2. ``bwd_kernel``: its sequence programs compute, for program j of one (b, KV head), dK/dV of the
+   sequence's key block j (key-stationary, looping over the queries of the group's query heads:
+   grouped heads are summed in a fixed order, no atomics) and dQ of query block j of each query
+   head of the group (query-stationary, looping over the prefix and the sequence keys). Causal work per key block
    falls as per query block grows, so each program does about the same work. Its programs after
    those each take one piece of the prefix gradient, reduced across the batch per task in a fixed
    order by the piece that arrives last (``prefix_grad.py``).
@@ -210,7 +211,7 @@ def bwd_kernel(
     stride_dkb, stride_dkn, stride_dkh, stride_dkd,
     stride_dvb, stride_dvn, stride_dvh, stride_dvd,
     stride_maskb, stride_maskn,
-    H, Lq, Lk, P, drop_groups_per_row, keep_threshold,
+    H, group_size, Lq, Lk, P, drop_groups_per_row, keep_threshold,
     qk_scale, softmax_scale, dropout_scale,
     B, n_rows, ws_size, P_pad, n_pblocks, n_prefix_query_blocks, items_per_piece, n_items, n_pieces,
     TUNE_LQ, TUNE_LK,
@@ -220,15 +221,19 @@ def bwd_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_MP: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
 ):
-    """Grid (n_seq + n_pieces * n_pblocks * H,), n_seq = max(cdiv(Lk, BLOCK_N1), cdiv(Lq, BLOCK_M2)) * B * H.
+    """Grid (n_seq + n_pieces * n_pblocks * Hkv,), n_seq = max(cdiv(Lk, BLOCK_N1), cdiv(Lq, BLOCK_M2)) * B * Hkv,
+    Hkv = H // group_size the KV heads (query head h reads KV head h // group_size).
 
-    Programs [0, n_seq) are the sequence programs (key block and query block j of one (b, h),
-    block fastest); each program after them takes one piece of the prefix gradient
-    (prefix_grad.prefix_piece_grads, BLOCK_MP query rows per item). The heavy sequence programs
-    come first; the light prefix pieces fill the tail of the schedule.
+    Programs [0, n_seq) are the sequence programs (key block and query block j of one (b, KV head),
+    block fastest): dK/dV of the key block summed over the group's query heads in a fixed order (no
+    atomics), and dQ of the query block for each of them. Each program after them takes one piece
+    of the prefix gradient (prefix_grad.prefix_piece_grads, BLOCK_MP query rows per item). The heavy
+    sequence programs come first; the light prefix pieces fill the tail of the schedule.
+    group_size = 1 (equal heads) is specialised to a constant by the launch: the group loops then
+    run once and the kernel is the equal-heads one.
     """
     n_blocks = tl.maximum(tl.cdiv(Lk, BLOCK_N1), tl.cdiv(Lq, BLOCK_M2))
-    n_seq = n_blocks * B * H
+    n_seq = n_blocks * B * (H // group_size)
     pid = tl.program_id(0)
     Delta, LseLog2, dPK_ws, dPV_ws, Counters = scratch_sections(Scratch, n_rows, ws_size)
     if HAS_PREFIX:
@@ -241,32 +246,30 @@ def bwd_kernel(
                 stride_pkt, stride_pkp, stride_pkh, stride_pkd,
                 stride_pvt, stride_pvp, stride_pvh, stride_pvd,
                 stride_dob, stride_dom, stride_doh, stride_dod,
-                H, Lq, P, P_pad, n_pblocks, n_prefix_query_blocks, items_per_piece, n_items, n_pieces,
+                H, group_size, Lq, P, P_pad, n_pblocks, n_prefix_query_blocks, items_per_piece, n_items, n_pieces,
                 drop_groups_per_row, keep_threshold, qk_scale, softmax_scale, dropout_scale,
                 HEAD_DIM, BLOCK_D, BLOCK_P, BLOCK_MP, HAS_BANK, HAS_PREFIX_LENS, HAS_DROPOUT, DOT_PRECISION,
             )
             return
-    pid_bh = pid // n_blocks
+    pid_bh = pid // n_blocks  # (b, KV head)
     pid = pid % n_blocks
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    kv_heads = H // group_size
+    b = (pid_bh // kv_heads).to(tl.int64)
+    h_kv = (pid_bh % kv_heads).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     query_shift = Lk - Lq  # query i sits at key position i + query_shift
 
-    Qb = Q + b * stride_qb + h * stride_qh
-    dOb = dOut + b * stride_dob + h * stride_doh
-    row0 = pid_bh.to(tl.int64) * Lq
     mask_row = KEY_MASK + b * stride_maskb
     seed = 0
     drop_offset = 0
     if HAS_DROPOUT:
         seed = tl.load(RNG)
         drop_offset = tl.load(RNG + 1)
-    drop_counter_base = drop_offset + row0 * drop_groups_per_row
     seq_col_base = (P + 7) // 8 * 8
 
-    # ---- dK, dV of key block pid (sequence keys only; the prefix's are reduced elsewhere) ----
+    # ---- dK, dV of key block pid of KV head h_kv: summed over the group's query heads in head order
+    # (sequence keys only; the prefix's are reduced elsewhere) ----
     n_start = pid * BLOCK_N1
     if n_start < Lk:
         key_cols = n_start + tl.arange(0, BLOCK_N1)
@@ -275,84 +278,96 @@ def bwd_kernel(
         if HAS_KEY_MASK:
             key_ok = key_ok & (tl.load(mask_row + key_cols * stride_maskn, mask=key_in, other=0) != 0)
         kv_mask = key_in[:, None] & d_ok[None, :]
-        k = tl.load(K + b * stride_kb + h * stride_kh + key_cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        k = tl.load(K + b * stride_kb + h_kv * stride_kh + key_cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=kv_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + key_cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        v = tl.load(V + b * stride_vb + h_kv * stride_vh + key_cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=kv_mask, other=0.0)
         dk = tl.zeros((BLOCK_N1, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N1, BLOCK_D), tl.float32)
-        if CAUSAL:
-            # Queries before n_start - shift see none of these keys; from diag_end on they see all.
-            q_first = tl.maximum(n_start - query_shift, 0) // BLOCK_M1 * BLOCK_M1
-            diag_end = tl.minimum(tl.maximum(n_start + BLOCK_N1 - query_shift, 0), Lq)
-            diag_end = (diag_end + BLOCK_M1 - 1) // BLOCK_M1 * BLOCK_M1
+        # Queries before n_start - shift see none of these keys; from diag_end on they see all.
+        q_first = tl.maximum(n_start - query_shift, 0) // BLOCK_M1 * BLOCK_M1
+        diag_end = tl.minimum(tl.maximum(n_start + BLOCK_N1 - query_shift, 0), Lq)
+        diag_end = (diag_end + BLOCK_M1 - 1) // BLOCK_M1 * BLOCK_M1
+        for g in range(group_size):
+            h = h_kv * group_size + g
+            Qb = Q + b * stride_qb + h * stride_qh
+            dOb = dOut + b * stride_dob + h * stride_doh
+            row0 = (b * H + h) * Lq
+            drop_counter_base = drop_offset + row0 * drop_groups_per_row
+            if CAUSAL:
+                dk, dv = accumulate_dkdv(
+                    dk, dv, k, v, Qb, dOb, LseLog2 + row0, Delta + row0, stride_qm, stride_qd, stride_dom,
+                    stride_dod, q_first, diag_end, Lq, key_cols, query_shift,
+                    seed, drop_counter_base, drop_groups_per_row, seq_col_base + n_start, keep_threshold,
+                    dropout_scale, qk_scale, offs_d, HEAD_DIM, BLOCK_M1, BLOCK_N1, True, HAS_DROPOUT, DOT_PRECISION,
+                )
+                q_rest = diag_end
+            else:
+                q_rest = 0
             dk, dv = accumulate_dkdv(
                 dk, dv, k, v, Qb, dOb, LseLog2 + row0, Delta + row0, stride_qm, stride_qd, stride_dom, stride_dod,
-                q_first, diag_end, Lq, key_cols, query_shift,
+                q_rest, Lq, Lq, key_cols, query_shift,
                 seed, drop_counter_base, drop_groups_per_row, seq_col_base + n_start, keep_threshold, dropout_scale,
-                qk_scale, offs_d, HEAD_DIM, BLOCK_M1, BLOCK_N1, True, HAS_DROPOUT, DOT_PRECISION,
+                qk_scale, offs_d, HEAD_DIM, BLOCK_M1, BLOCK_N1, False, HAS_DROPOUT, DOT_PRECISION,
             )
-            q_rest = diag_end
-        else:
-            q_rest = 0
-        dk, dv = accumulate_dkdv(
-            dk, dv, k, v, Qb, dOb, LseLog2 + row0, Delta + row0, stride_qm, stride_qd, stride_dom, stride_dod,
-            q_rest, Lq, Lq, key_cols, query_shift,
-            seed, drop_counter_base, drop_groups_per_row, seq_col_base + n_start, keep_threshold, dropout_scale,
-            qk_scale, offs_d, HEAD_DIM, BLOCK_M1, BLOCK_N1, False, HAS_DROPOUT, DOT_PRECISION,
-        )
         # A padded key is seen by no query: its gradient rows are zero.
         dk = tl.where(key_ok[:, None], dk * softmax_scale, 0.0)
         dv = tl.where(key_ok[:, None], dv, 0.0)
-        tl.store(dK + b * stride_dkb + h * stride_dkh + key_cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-                 dk.to(dK.dtype.element_ty), mask=kv_mask)
-        tl.store(dV + b * stride_dvb + h * stride_dvh + key_cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-                 dv.to(dV.dtype.element_ty), mask=kv_mask)
+        tl.store(dK + b * stride_dkb + h_kv * stride_dkh + key_cols[:, None] * stride_dkn
+                 + offs_d[None, :] * stride_dkd, dk.to(dK.dtype.element_ty), mask=kv_mask)
+        tl.store(dV + b * stride_dvb + h_kv * stride_dvh + key_cols[:, None] * stride_dvn
+                 + offs_d[None, :] * stride_dvd, dv.to(dV.dtype.element_ty), mask=kv_mask)
 
-    # ---- dQ of query block pid: over the prefix slots, then the sequence keys ----
+    # ---- dQ of query block pid of each of the group's query heads: over the prefix slots, then the
+    # sequence keys (the KV tiles are the group's, so they come from L2 after the first head) ----
     m_start = pid * BLOCK_M2
     if m_start < Lq:
         offs_m = m_start + tl.arange(0, BLOCK_M2)
         m_ok = offs_m < Lq
         qd_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Qb + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-        do = tl.load(dOb + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
-        lse2 = tl.load(LseLog2 + row0 + offs_m, mask=m_ok, other=float("inf"))
-        delta = tl.load(Delta + row0 + offs_m, mask=m_ok, other=0.0)
-        drop_row_counter = drop_counter_base + offs_m.to(tl.int64) * drop_groups_per_row
         query_pos = offs_m + query_shift
-        dq = tl.zeros((BLOCK_M2, BLOCK_D), tl.float32)
-        if HAS_PREFIX:
-            PKt, PVt, n_prefix = locate_prefix(PK, PV, PREFIX_IDX, PREFIX_LENS, b, h, P, stride_pkt, stride_pkh,
-                                               stride_pvt, stride_pvh, HAS_BANK, HAS_PREFIX_LENS)
-            p_full_end = n_prefix // BLOCK_P * BLOCK_P
-            dq = accumulate_dq(
-                dq, q, do, lse2, delta, PKt, PVt, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
-                0, p_full_end, n_prefix, query_pos, KEY_MASK, 0,
-                seed, drop_row_counter, 0, keep_threshold, dropout_scale, qk_scale,
-                offs_d, HEAD_DIM, BLOCK_P, False, False, False, HAS_DROPOUT, DOT_PRECISION,
-            )
-            dq = accumulate_dq(
-                dq, q, do, lse2, delta, PKt, PVt, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
-                p_full_end, n_prefix, n_prefix, query_pos, KEY_MASK, 0,
-                seed, drop_row_counter, 0, keep_threshold, dropout_scale, qk_scale,
-                offs_d, HEAD_DIM, BLOCK_P, True, False, False, HAS_DROPOUT, DOT_PRECISION,
-            )
-        Kb = K + b * stride_kb + h * stride_kh
-        Vb = V + b * stride_vb + h * stride_vh
+        Kb = K + b * stride_kb + h_kv * stride_kh
+        Vb = V + b * stride_vb + h_kv * stride_vh
         full_end, diag_end = key_stage_bounds(m_start + query_shift, Lk, BLOCK_M2, BLOCK_N2, CAUSAL)
-        dq = accumulate_dq(
-            dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd,
-            0, full_end, Lk, query_pos, mask_row, stride_maskn,
-            seed, drop_row_counter, seq_col_base, keep_threshold, dropout_scale, qk_scale,
-            offs_d, HEAD_DIM, BLOCK_N2, False, False, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION,
-        )
-        dq = accumulate_dq(
-            dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd,
-            full_end, diag_end, Lk, query_pos, mask_row, stride_maskn,
-            seed, drop_row_counter, seq_col_base, keep_threshold, dropout_scale, qk_scale,
-            offs_d, HEAD_DIM, BLOCK_N2, True, CAUSAL, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION,
-        )
-        dq = dq * softmax_scale
-        tl.store(dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-                 dq.to(dQ.dtype.element_ty), mask=qd_mask)
+        for g in range(group_size):
+            h = h_kv * group_size + g
+            Qb = Q + b * stride_qb + h * stride_qh
+            dOb = dOut + b * stride_dob + h * stride_doh
+            row0 = (b * H + h) * Lq
+            q = tl.load(Qb + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+            do = tl.load(dOb + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
+            lse2 = tl.load(LseLog2 + row0 + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(Delta + row0 + offs_m, mask=m_ok, other=0.0)
+            drop_row_counter = drop_offset + (row0 + offs_m.to(tl.int64)) * drop_groups_per_row
+            dq = tl.zeros((BLOCK_M2, BLOCK_D), tl.float32)
+            if HAS_PREFIX:
+                PKt, PVt, n_prefix = locate_prefix(PK, PV, PREFIX_IDX, PREFIX_LENS, b, h_kv, P, stride_pkt,
+                                                   stride_pkh, stride_pvt, stride_pvh, HAS_BANK, HAS_PREFIX_LENS)
+                p_full_end = n_prefix // BLOCK_P * BLOCK_P
+                dq = accumulate_dq(
+                    dq, q, do, lse2, delta, PKt, PVt, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
+                    0, p_full_end, n_prefix, query_pos, KEY_MASK, 0,
+                    seed, drop_row_counter, 0, keep_threshold, dropout_scale, qk_scale,
+                    offs_d, HEAD_DIM, BLOCK_P, False, False, False, HAS_DROPOUT, DOT_PRECISION,
+                )
+                dq = accumulate_dq(
+                    dq, q, do, lse2, delta, PKt, PVt, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
+                    p_full_end, n_prefix, n_prefix, query_pos, KEY_MASK, 0,
+                    seed, drop_row_counter, 0, keep_threshold, dropout_scale, qk_scale,
+                    offs_d, HEAD_DIM, BLOCK_P, True, False, False, HAS_DROPOUT, DOT_PRECISION,
+                )
+            dq = accumulate_dq(
+                dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd,
+                0, full_end, Lk, query_pos, mask_row, stride_maskn,
+                seed, drop_row_counter, seq_col_base, keep_threshold, dropout_scale, qk_scale,
+                offs_d, HEAD_DIM, BLOCK_N2, False, False, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION,
+            )
+            dq = accumulate_dq(
+                dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd,
+                full_end, diag_end, Lk, query_pos, mask_row, stride_maskn,
+                seed, drop_row_counter, seq_col_base, keep_threshold, dropout_scale, qk_scale,
+                offs_d, HEAD_DIM, BLOCK_N2, True, CAUSAL, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION,
+            )
+            dq = dq * softmax_scale
+            tl.store(dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
+                     + offs_d[None, :] * stride_dqd, dq.to(dQ.dtype.element_ty), mask=qd_mask)

@@ -102,7 +102,7 @@ def prefix_attn_fwd_kernel(
     stride_pvt, stride_pvp, stride_pvh, stride_pvd,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_maskb, stride_maskn,
-    H, Lq, Lk, P, drop_groups_per_row, keep_threshold,
+    H, group_size, Lq, Lk, P, drop_groups_per_row, keep_threshold,
     qk_scale, dropout_scale,
     TUNE_LQ, TUNE_LK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -111,13 +111,17 @@ def prefix_attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(Lq, BLOCK_M), B * H). Writes Out (B, Lq, H, D) and Lse (B, H, Lq) natural log."""
+    """Grid (cdiv(Lq, BLOCK_M), B * H). Writes Out (B, Lq, H, D) and Lse (B, H, Lq) natural log.
+
+    Grouped heads: K, V and the prefix have H / group_size heads; query head h reads KV head
+    h // group_size. group_size = 1 (equal heads) is specialised to a constant by the launch."""
     # Causal: the last query blocks see the most keys; launch them first so that the short ones
     # fill the tail of the schedule.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    h_kv = h // group_size
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -142,7 +146,7 @@ def prefix_attn_fwd_kernel(
     query_pos = Lk - Lq + offs_m  # bottom-right alignment
 
     if HAS_PREFIX:
-        PKt, PVt, n_prefix = locate_prefix(PK, PV, PREFIX_IDX, PREFIX_LENS, b, h, P, stride_pkt, stride_pkh,
+        PKt, PVt, n_prefix = locate_prefix(PK, PV, PREFIX_IDX, PREFIX_LENS, b, h_kv, P, stride_pkt, stride_pkh,
                                            stride_pvt, stride_pvh, HAS_BANK, HAS_PREFIX_LENS)
         full_end = n_prefix // BLOCK_P * BLOCK_P
         acc, l_i, m_i = attend_key_range(
@@ -160,8 +164,8 @@ def prefix_attn_fwd_kernel(
             True, False, False, HAS_DROPOUT, DOT_PRECISION,
         )
 
-    Kb = K + b * stride_kb + h * stride_kh
-    Vb = V + b * stride_vb + h * stride_vh
+    Kb = K + b * stride_kb + h_kv * stride_kh
+    Vb = V + b * stride_vb + h_kv * stride_vh
     mask_row = KEY_MASK + b * stride_maskb
     # Blocks every row of the tile sees whole, then the diagonal blocks with the causal mask.
     full_end, diag_end = key_stage_bounds(Lk - Lq + pid_m * BLOCK_M, Lk, BLOCK_M, BLOCK_N, CAUSAL)

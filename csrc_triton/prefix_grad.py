@@ -3,12 +3,14 @@
 These are jitted helpers of the backward kernel (``attn_bwd.bwd_kernel``): its programs past the
 sequence programs each take one piece of the prefix-gradient work.
 
-The work for one (task, head, prefix block) is the list of items (sequence row, query block) of
-every sequence that uses that task's prefix. The list is cut into pieces of ``items_per_piece``
-items, so that even a prefix of one block with 12 heads fills the GPU. Each piece writes its fp32
-partial dK/dV of the block to a workspace (n_pieces, H, P_pad, D), then increments an int32
-counter of its (task, prefix block, head); the piece that arrives last sums all pieces of the
-task in piece order and writes dprefix. The sum's order never depends on which piece arrives
+The work for one (task, KV head, prefix block) is the list of items (sequence row, query head of
+the KV head's group, query block) of every sequence that uses that task's prefix: with grouped
+heads (query head h reads KV head h // group_size) the group's query heads are summed like the
+sequences. The list is cut into pieces of ``items_per_piece`` items, so that even a prefix of one
+block with 12 heads fills the GPU. Each piece writes its fp32 partial dK/dV of the block to a
+workspace (n_pieces, Hkv, P_pad, D), then increments an int32 counter of its (task, prefix block,
+KV head); the piece that arrives last sums all pieces of the task in piece order and writes
+dprefix. The sum's order never depends on which piece arrives
 last (it reloads every partial, its own included): results are bitwise repeatable.
 
 With a bank, rows are taken sorted by task (``ROW_ORDER``) and every piece belongs to one task:
@@ -45,21 +47,25 @@ def prefix_piece_grads(
     stride_pkt, stride_pkp, stride_pkh, stride_pkd,
     stride_pvt, stride_pvp, stride_pvh, stride_pvd,
     stride_dob, stride_dom, stride_doh, stride_dod,
-    H, Lq, P, P_pad, n_pblocks, n_query_blocks, items_per_piece, n_items, n_pieces,
+    H, group_size, Lq, P, P_pad, n_pblocks, n_query_blocks, items_per_piece, n_items, n_pieces,
     drop_groups_per_row, keep_threshold, qk_scale, softmax_scale, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_BANK: tl.constexpr, HAS_PREFIX_LENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Program ``pid`` of n_pieces * n_pblocks * H (prefix block fastest, then head, then piece):
-    the partial dK/dV of one piece, and dprefix of its (task, block, head) when it arrives last.
+    """Program ``pid`` of n_pieces * n_pblocks * Hkv (prefix block fastest, then KV head, then
+    piece): the partial dK/dV of one piece, and dprefix of its (task, block, KV head) when it
+    arrives last. H is the query heads, Hkv = H // group_size.
 
-    dPK, dPV: contiguous (T, P, H, D) in the prefix's dtype. Workspaces (n_pieces, H, P_pad, D)
-    fp32; Counters (T, n_pblocks, H) int32, zero at launch."""
+    Items are (sequence row, query head in the group, query block), n_query_blocks * group_size
+    per row, query block fastest. dPK, dPV: contiguous (T, P, Hkv, D) in the prefix's dtype.
+    Workspaces (n_pieces, Hkv, P_pad, D) fp32; Counters (T, n_pblocks, Hkv) int32, zero at launch."""
+    kv_heads = H // group_size
     pblock = pid % n_pblocks
-    h = ((pid // n_pblocks) % H).to(tl.int64)
-    piece = pid // (n_pblocks * H)
-    task, item_lo, item_hi = task_piece_range(PIECE_TASK, TASK_PIECE_START, TASK_ROW_START, piece, n_query_blocks,
+    h_kv = ((pid // n_pblocks) % kv_heads).to(tl.int64)
+    piece = pid // (n_pblocks * kv_heads)
+    items_per_row = n_query_blocks * group_size
+    task, item_lo, item_hi = task_piece_range(PIECE_TASK, TASK_PIECE_START, TASK_ROW_START, piece, items_per_row,
                                               items_per_piece, n_items, HAS_BANK)
     if task >= 0:
         n_prefix = P
@@ -70,9 +76,9 @@ def prefix_piece_grads(
         slots = pblock * BLOCK_P + tl.arange(0, BLOCK_P)
         slot_ok = slots < n_prefix
         kv_mask = slot_ok[:, None] & d_ok[None, :]
-        pk = tl.load(PK + task * stride_pkt + h * stride_pkh + slots[:, None] * stride_pkp + offs_d[None, :] * stride_pkd,
+        pk = tl.load(PK + task * stride_pkt + h_kv * stride_pkh + slots[:, None] * stride_pkp + offs_d[None, :] * stride_pkd,
                      mask=kv_mask, other=0.0)
-        pv = tl.load(PV + task * stride_pvt + h * stride_pvh + slots[:, None] * stride_pvp + offs_d[None, :] * stride_pvd,
+        pv = tl.load(PV + task * stride_pvt + h_kv * stride_pvh + slots[:, None] * stride_pvp + offs_d[None, :] * stride_pvd,
                      mask=kv_mask, other=0.0)
         dpk = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
         dpv = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
@@ -83,7 +89,8 @@ def prefix_piece_grads(
             drop_offset = tl.load(RNG + 1)
 
         for item in range(item_lo, item_hi):
-            row = item // n_query_blocks
+            row = item // items_per_row
+            h = h_kv * group_size + (item // n_query_blocks) % group_size
             if HAS_BANK:
                 b = tl.load(ROW_ORDER + row).to(tl.int64)
             else:
@@ -114,7 +121,7 @@ def prefix_piece_grads(
 
         ws_mask = (slots[:, None] < P_pad) & d_ok[None, :]
         tile = slots[:, None] * HEAD_DIM + offs_d[None, :]
-        ws = (tl.cast(piece, tl.int64) * H + h) * P_pad * HEAD_DIM + tile
+        ws = (tl.cast(piece, tl.int64) * kv_heads + h_kv) * P_pad * HEAD_DIM + tile
         tl.store(dPK_ws + ws, dpk * softmax_scale, mask=ws_mask)
         tl.store(dPV_ws + ws, dpv, mask=ws_mask)
 
@@ -126,7 +133,7 @@ def prefix_piece_grads(
             piece_lo = 0
             piece_hi = n_pieces
         tl.debug_barrier()  # every thread's partial stores before the release below
-        counter = Counters + (task * n_pblocks + pblock) * H + h
+        counter = Counters + (task * n_pblocks + pblock) * kv_heads + h_kv
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         tl.debug_barrier()  # every thread's loads below after the acquire above
         if arrived == piece_hi - piece_lo - 1:
@@ -135,11 +142,11 @@ def prefix_piece_grads(
             # Pieces in order, whichever arrived last. They are independent loads: pipeline them
             # (the loop is latency bound for small P).
             for other in tl.range(piece_lo, piece_hi, num_stages=3):
-                ws = (tl.cast(other, tl.int64) * H + h) * P_pad * HEAD_DIM + tile
+                ws = (tl.cast(other, tl.int64) * kv_heads + h_kv) * P_pad * HEAD_DIM + tile
                 acc_k += tl.load(dPK_ws + ws, mask=ws_mask, other=0.0, cache_modifier=".cg")
                 acc_v += tl.load(dPV_ws + ws, mask=ws_mask, other=0.0, cache_modifier=".cg")
-            # dPK, dPV are the launcher's contiguous (T, P, H, D) allocations.
-            out = ((task * P + slots[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
+            # dPK, dPV are the launcher's contiguous (T, P, Hkv, D) allocations.
+            out = ((task * P + slots[:, None]) * kv_heads + h_kv) * HEAD_DIM + offs_d[None, :]
             out_mask = (slots[:, None] < P) & d_ok[None, :]
             tl.store(dPK + out, acc_k.to(dPK.dtype.element_ty), mask=out_mask)
             tl.store(dPV + out, acc_v.to(dPV.dtype.element_ty), mask=out_mask)

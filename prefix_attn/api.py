@@ -8,7 +8,7 @@ from prefix_attn.args import AttnArgs
 from prefix_attn.autograd import PrefixAttnFunction
 from prefix_attn.autograd import forward as attention_forward
 from prefix_attn.backend import resolve_backend
-from prefix_attn.checks import check_attention_inputs, check_row_offsets_fit_int32, default_scale, refuse_grouped_heads
+from prefix_attn.checks import check_attention_inputs, check_row_offsets_fit_int32, default_scale
 
 # torch.autograd.Function.apply (Python) binds default arguments and unwraps functorch wrappers on
 # every call; outside functorch transforms its C implementation does the same work without them.
@@ -31,7 +31,6 @@ def _check_call(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_
     dims = check_attention_inputs(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
                                   dropout_p, softmax_scale)
     chosen = resolve_backend(backend, q.device)
-    refuse_grouped_heads(dims, chosen)
     if chosen == "triton":
         check_row_offsets_fit_int32(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
     return dims, chosen

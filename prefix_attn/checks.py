@@ -176,14 +176,6 @@ def check_attention_inputs(
     return AttnDims(B, Lq, Lk, H, D, num_tasks, prefix_len, is_bank, Hkv)
 
 
-def refuse_grouped_heads(dims: AttnDims, backend: str) -> None:
-    """Grouped KV heads are accepted by the checks, the reference and backend "torch"; "triton",
-    which does not compute them yet, refuses them here, before any work."""
-    if backend == "triton" and dims.kv_heads != dims.heads:
-        raise ValueError(f"k and v have {dims.kv_heads} heads and q has {dims.heads}: grouped KV heads are not "
-                         f"supported by backend={backend!r} yet")
-
-
 def check_triton_device(device: torch.device) -> None:
     """The Triton kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter."""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":

@@ -17,7 +17,7 @@ from prefix_attn._launch import launcher
 from prefix_attn.args import AttnArgs
 from prefix_attn.checks import (
     AttnDims, check_attention_inputs, check_prefix_values, check_row_offsets_fit_int32, check_triton_device,
-    default_scale, graph_capturing, refuse_grouped_heads, version_counter,
+    default_scale, graph_capturing, version_counter,
 )
 from prefix_attn.dropout import groups_per_row, keep_scale, keep_threshold, padded_prefix
 
@@ -110,7 +110,7 @@ def _launch_common(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attenti
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *_prefix_strides(pk), *_prefix_strides(pv))
     mask_strides = tuple(mask.stride()) if mask is not None else (0, 0)
-    sizes = (dims.heads, dims.seqlen_q, dims.seqlen_k, P, groups_per_row(P, dims.seqlen_k),
+    sizes = (dims.heads, dims.group_size, dims.seqlen_q, dims.seqlen_k, P, groups_per_row(P, dims.seqlen_k),
              keep_threshold(dropout_p))
     constexprs = _attention_constexprs(dims.head_dim, P, dims.has_prefix, dims.is_bank,
                                        prefix_lens is not None, mask is not None, bool(causal), has_dropout,
@@ -131,14 +131,11 @@ def _attention_constexprs(head_dim, prefix_len, has_prefix, is_bank, has_lens, h
 
 
 def validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p,
-             softmax_scale, forward: bool = False) -> AttnDims:
-    """Everything the kernels rely on, checked before any launch. ``forward``: a forward call,
-    whose decode path (decode_forward) computes grouped KV heads."""
+             softmax_scale) -> AttnDims:
+    """Everything the kernels rely on, checked before any launch."""
     dims = check_attention_inputs(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask,
                                   dropout_p, softmax_scale)
     check_triton_device(q.device)
-    if not (forward and dims.seqlen_q <= DECODE_MAX_QUERIES and dropout_p == 0.0):
-        refuse_grouped_heads(dims, "triton")
     check_prefix_values(prefix_idx, prefix_lens, dims)
     check_row_offsets_fit_int32(q=q, k=k, v=v, prefix_k=_as_bank(prefix_k), prefix_v=_as_bank(prefix_v))
     return dims
@@ -150,8 +147,7 @@ def prefix_attn_fwd(q, k, v, prefix_k=None, prefix_v=None, prefix_idx=None, pref
 
     rng_state: (2,) int64 [seed, offset] on q's device, required when dropout_p > 0.
     """
-    dims = validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale,
-                    forward=True)
+    dims = validate(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dropout_p, softmax_scale)
     if dropout_p > 0.0 and (rng_state is None or rng_state.shape != (2,)):
         raise ValueError("rng_state must be a (2,) int64 tensor [seed, offset] when dropout_p > 0")
     args = AttnArgs(prefix_idx, prefix_lens, attention_mask, bool(causal), default_scale(dims.head_dim, softmax_scale),
@@ -383,12 +379,14 @@ def decode_forward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attenti
 
 
 def _prefix_grad_split(dims: AttnDims, device, block_m: int, block_p: int, items_per_piece=None):
-    """(query blocks per row, items per piece) of the prefix-gradient work (sequence row, query block)."""
+    """(query blocks per row, items per piece) of the prefix-gradient work: items (sequence row, query
+    head of a KV head's group, query block), n_query_blocks * group_size per row, for each (prefix
+    block, KV head)."""
     n_query_blocks = _cdiv(dims.seqlen_q, block_m)
     if items_per_piece is None:
         n_pblocks = _cdiv(dims.prefix_len, block_p)
-        target_pieces = max(1, _cdiv(PREFIX_GRAD_WAVES * num_sms(device), n_pblocks * dims.heads))
-        items_per_piece = max(1, _cdiv(dims.batch * n_query_blocks, target_pieces))
+        target_pieces = max(1, _cdiv(PREFIX_GRAD_WAVES * num_sms(device), n_pblocks * dims.kv_heads))
+        items_per_piece = max(1, _cdiv(dims.batch * n_query_blocks * dims.group_size, target_pieces))
     return n_query_blocks, items_per_piece
 
 
@@ -416,8 +414,9 @@ class _BackwardPlan:
     built once per kind of call (``_backward_plan``), so that a call only allocates and launches.
 
     The one fp32 scratch buffer holds, in order: delta and the log2 lse (B * H * Lq each), the
-    prefix-gradient partials of K and V (n_pieces * H * P_pad * D each) and the int32 counters
-    (T * n_pblocks * H) of the last-arrival reduction (csrc_triton.attn_bwd.scratch_sections).
+    prefix-gradient partials of K and V (n_pieces * Hkv * P_pad * D each) and the int32 counters
+    (T * n_pblocks * Hkv) of the last-arrival reduction (csrc_triton.attn_bwd.scratch_sections).
+    Grouped heads: sequence and prefix programs are per KV head and sum their group's query heads.
     """
 
     __slots__ = ("grad_shapes", "scratch_numel", "pre_grid", "pre_ints", "pre_cx", "grid", "ints", "cx",
@@ -426,7 +425,7 @@ class _BackwardPlan:
     def __init__(self, q, k, v, dout, out, dlse, prefix_k, prefix_v, mask, causal, softmax_scale, dropout_p,
                  has_lens, rng_state, dims: AttnDims, items_per_piece):
         B, Lq, H, D = q.shape
-        Lk, P = dims.seqlen_k, dims.prefix_len
+        Lk, P, Hkv = dims.seqlen_k, dims.prefix_len, dims.kv_heads
         device = q.device
         self.grad_shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape),
                             tuple(prefix_k.shape) if dims.has_prefix else None)
@@ -439,17 +438,17 @@ class _BackwardPlan:
             block_p = cx["BLOCK_P"]
             n_qblocks, ipp = _prefix_grad_split(dims, device, PREFIX_GRAD_BLOCK_M, block_p, items_per_piece)
             n_pblocks = _cdiv(P, block_p)
-            n_items = B * n_qblocks
+            n_items = B * n_qblocks * dims.group_size
             if dims.is_bank:  # the bound _task_pieces gives, known without reading prefix_idx
                 n_pieces = _cdiv(n_items, ipp) + dims.num_tasks
             else:
                 n_pieces = _cdiv(n_items, ipp)
             p_pad = n_pblocks * block_p
-            n_counters = dims.num_tasks * n_pblocks * H
+            n_counters = dims.num_tasks * n_pblocks * Hkv
         else:
             n_qblocks = ipp = n_pblocks = n_items = n_pieces = p_pad = n_counters = 0
-        self.prefix_split = (n_qblocks, ipp)
-        ws_size = n_pieces * H * p_pad * D
+        self.prefix_split = (n_qblocks * dims.group_size, ipp)  # (items per sequence row, items per piece)
+        ws_size = n_pieces * Hkv * p_pad * D
         self.scratch_numel = 2 * n_rows + 2 * ws_size + n_counters  # int32 counters: one fp32 slot each
         dlse_strides = tuple(dlse.stride()) if dlse is not None else (0, 0, 0)
         self.pre_grid = (_cdiv(Lq, PREPROCESS_BLOCK_M), B * H)
@@ -461,8 +460,8 @@ class _BackwardPlan:
                      scale * LOG2E, scale, keep_scale(dropout_p),
                      B, n_rows, ws_size, p_pad, n_pblocks, n_qblocks, ipp, n_items, n_pieces, *tune)
         self.cx = dict(cx, BLOCK_MP=PREFIX_GRAD_BLOCK_M)
-        n_prefix_programs = n_pieces * n_pblocks * H
-        n_bh = B * H
+        n_prefix_programs = n_pieces * n_pblocks * Hkv
+        n_bh = B * Hkv  # sequence programs per block index: one per (sequence, KV head)
 
         def grid(meta):
             return (max(_cdiv(Lk, meta["BLOCK_N1"]), _cdiv(Lq, meta["BLOCK_M2"])) * n_bh + n_prefix_programs,)
@@ -533,8 +532,8 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: 
     if p_shape is not None:
         tables = None
         if dims.is_bank:
-            n_qblocks, ipp = plan.prefix_split
-            _, tables = _task_pieces(dims, prefix_idx, device, n_qblocks, ipp, every_task=True)
+            items_per_row, ipp = plan.prefix_split
+            _, tables = _task_pieces(dims, prefix_idx, device, items_per_row, ipp, every_task=True)
         tables = tables if tables is not None else (q,) * 4
     else:
         tables = (q,) * 4

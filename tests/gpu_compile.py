@@ -132,11 +132,15 @@ def _attn_types(dtype):
     return types
 
 
-def _attn_constexprs(head_dim, block_p, dropout, bank, causal=True, key_mask=True):
+def _attn_constexprs(head_dim, block_p, dropout, bank, causal=True, key_mask=True, grouped=False):
+    """The forward/backward constexprs. Equal heads: a launch passes group_size = 1, which Triton
+    specialises to the constant 1 (the group loops fold away); grouped heads (GQA/MQA) pass
+    group_size >= 2 as an ordinary i32 argument (grouped=True)."""
     block_d = max(16, 1 << (head_dim - 1).bit_length())
-    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=block_p, HAS_PREFIX=True, HAS_BANK=bank,
-                HAS_PREFIX_LENS=bank, HAS_KEY_MASK=key_mask, CAUSAL=causal, HAS_DROPOUT=dropout,
-                DOT_PRECISION="ieee")
+    cx = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=block_p, HAS_PREFIX=True, HAS_BANK=bank,
+              HAS_PREFIX_LENS=bank, HAS_KEY_MASK=key_mask, CAUSAL=causal, HAS_DROPOUT=dropout,
+              DOT_PRECISION="ieee")
+    return cx if grouped else dict(cx, group_size=1)
 
 
 def _bwd_constexprs(cx):
@@ -193,6 +197,18 @@ def compile_specs(caps=(80, 90)):
                           f"{dtype} d64 dropout+bank+lens"))
             specs.append(("bwd", cap, dtype, {**_bwd_constexprs(cx), **bcfg.kwargs}, bcfg.num_warps,
                           bcfg.num_stages, f"{dtype} d64 dropout+bank+lens"))
+            # Grouped heads (group_size an i32): the default configs at head dims 64 and 128 (Llama's),
+            # with and without the features that change code.
+            for head_dim in (64, 128):
+                for features in (dict(dropout=False, bank=False), dict(dropout=True, bank=True)):
+                    gcx = _attn_constexprs(head_dim, 16 if head_dim == 128 else 64, grouped=True, **features)
+                    fcfg = fwd_configs_for(FWD_GPU_CONFIGS, 1024, gcx["BLOCK_D"])[0]
+                    bcfg = bwd_configs_for(BWD_GPU_CONFIGS, gcx["BLOCK_D"], cap)[0]
+                    what = "dropout+bank+lens" if features["dropout"] else "plain"
+                    specs.append(("fwd", cap, dtype, {**gcx, **fcfg.kwargs}, fcfg.num_warps, fcfg.num_stages,
+                                  f"{dtype} d{head_dim} GQA {what}{DEFAULT_MARK}"))
+                    specs.append(("bwd", cap, dtype, {**_bwd_constexprs(gcx), **bcfg.kwargs}, bcfg.num_warps,
+                                  bcfg.num_stages, f"{dtype} d{head_dim} GQA {what}{DEFAULT_MARK}"))
             specs.append(("bwd_preprocess", cap, dtype, dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=128, HAS_DLSE=True),
                           4, 3, dtype))
         specs.append(("dropout_mask", cap, "fp32", dict(BLOCK_M=16, BLOCK_N=64), 4, 3, ""))

@@ -214,8 +214,8 @@ def _grouped_inputs(case, kv_heads, dtype=torch.float32, contiguous=True):
 
 
 def _check_grouped(case, kv_heads, dtype=torch.float32, contiguous=True):
-    """out and lse of the Triton decode path (the launcher: the public op still refuses grouped
-    heads until the main kernels compute them) vs the float64 reference, FlashAttention's oracle."""
+    """out and lse of the Triton decode path (through its launcher) vs the float64 reference,
+    FlashAttention's oracle."""
     from prefix_attn.reference import prefix_attn_ref
     from tests.helpers import ATOL, max_err
 
@@ -305,23 +305,6 @@ def test_decode_grouped_heads_read_each_kv_head_once_per_group(monkeypatch):
     monkeypatch.setattr(triton_launch, "launcher", spy)
     _check_grouped(case, kv_heads)
     assert launches == [plan.grid]
-
-
-def test_grouped_heads_still_refused_outside_the_decode_path():
-    """The main forward (Lq > 16 or dropout) and the backward do not compute grouped heads yet."""
-    case = Case(B=2, Lq=20, Lk=20, H=4, P=3)
-    tensors, kwargs = _grouped_inputs(case, 2)
-    t = dict(tensors)
-    q, k, v, pk, pv = t.pop("q"), t.pop("k"), t.pop("v"), t.pop("prefix_k"), t.pop("prefix_v")
-    with pytest.raises(ValueError, match="grouped KV heads"):
-        triton_launch.prefix_attn_fwd(q, k, v, pk, pv, **kwargs)
-    q1 = q[:, :1].contiguous()
-    rng = torch.zeros(2, dtype=torch.int64, device=q.device)
-    with pytest.raises(ValueError, match="grouped KV heads"):
-        triton_launch.prefix_attn_fwd(q1, k, v, pk, pv, **kwargs, dropout_p=0.1, rng_state=rng)
-    out, lse = triton_launch.prefix_attn_fwd(q1, k, v, pk, pv, **kwargs)
-    with pytest.raises(ValueError, match="grouped KV heads"):
-        triton_launch.prefix_attn_bwd(torch.ones_like(out), None, q1, k, v, out, lse, pk, pv, **kwargs)
 
 
 def test_decode_gradients(monkeypatch):

@@ -178,10 +178,3 @@ def test_kv_heads_are_never_expanded(dropout_p, bank):
     assert log.shapes
     expanded = [(f, s) for f, s in log.shapes if Hq in s and D in s and (Lk in s or P in s)]
     assert not expanded, expanded
-
-
-def test_triton_still_refuses_grouped_heads():
-    q = torch.randn(1, 4, 4, 16)
-    k = v = torch.randn(1, 4, 2, 16)
-    with pytest.raises(ValueError, match="grouped KV heads"):
-        prefix_attn_func(q, k, v, backend="triton")
