@@ -166,14 +166,56 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state):
     if Lq <= DECODE_MAX_QUERIES and dropout_p == 0.0:
         return decode_forward(q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal,
                               softmax_scale, dims, out, lse)
-    pointers, strides, mask_strides, sizes, scale, cx, tune = _launch_common(
-        q, k, v, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, causal, softmax_scale,
-        dropout_p, rng_state, dims)
-    grid = lambda meta: (_cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    launcher(prefix_attn_fwd_kernel)(grid, (
-        *pointers, out, lse, *strides, *out.stride(), *mask_strides, *sizes,
-        scale * LOG2E, keep_scale(dropout_p), *tune), cx)
+    mask = _mask_arg(attention_mask)
+    plan = _forward_plan(q, k, v, prefix_k, prefix_v, prefix_lens is not None, mask, causal, softmax_scale, dropout_p,
+                         dims)
+    dummy = q  # stands for absent optional tensors; never read by the kernels
+    launcher(prefix_attn_fwd_kernel)(plan.grid, (
+        q, k, v, prefix_k if dims.has_prefix else dummy, prefix_v if dims.has_prefix else dummy,
+        prefix_idx if prefix_idx is not None else dummy, prefix_lens if prefix_lens is not None else dummy,
+        mask if mask is not None else dummy, rng_state if dropout_p > 0.0 else dummy, out, lse, *plan.ints), plan.cx)
     return out, lse
+
+
+class _ForwardPlan(NamedTuple):
+    """The integer and float arguments, constexprs and grid of a forward launch: they depend only on
+    shapes, strides and options, so they are built once per kind of call (``_forward_plan``)."""
+
+    ints: tuple
+    cx: dict
+    grid: object
+
+
+# (kind of call) -> _ForwardPlan; see _forward_plan.
+_FORWARD_PLANS: dict = {}
+_MAX_FORWARD_PLANS = 1024
+
+
+def _forward_plan(q, k, v, prefix_k, prefix_v, has_lens: bool, mask, causal, softmax_scale, dropout_p,
+                  dims: AttnDims) -> _ForwardPlan:
+    """The cached plan of this kind of call. Its key holds everything the plan reads: shapes and
+    strides, dtype, the options, and torch's tf32 switch for fp32 inputs (the dots' precision)."""
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype,
+           None if prefix_k is None else (prefix_k.shape, prefix_k.stride(), prefix_v.stride()),
+           None if mask is None else mask.stride(), has_lens, causal, softmax_scale, dropout_p,
+           q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+    plan = _FORWARD_PLANS.get(key)
+    if plan is None:
+        B, Lq, H, _ = q.shape
+        _, strides, mask_strides, sizes, scale, cx, tune = _launch_common(
+            q, k, v, prefix_k, prefix_v, None, q if has_lens else None, mask, causal, softmax_scale, dropout_p, None,
+            dims)
+        out_strides = (Lq * H * dims.head_dim, H * dims.head_dim, dims.head_dim, 1)  # a fresh contiguous tensor
+        ints = (*strides, *out_strides, *mask_strides, *sizes, scale * LOG2E, keep_scale(dropout_p), *tune)
+        n_bh = B * H
+
+        def grid(meta):
+            return (_cdiv(Lq, meta["BLOCK_M"]), n_bh)
+
+        if len(_FORWARD_PLANS) >= _MAX_FORWARD_PLANS:
+            _FORWARD_PLANS.clear()
+        plan = _FORWARD_PLANS[key] = _ForwardPlan(ints, cx, grid)
+    return plan
 
 
 def _task_pieces(dims: AttnDims, prefix_idx, device, units_per_row: int, units_per_piece: int,

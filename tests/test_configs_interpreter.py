@@ -40,8 +40,9 @@ def force(monkeypatch):
         for name, value in constants.items():
             assert hasattr(launch, name), name
             monkeypatch.setattr(launch, name, value)
-        # Backward plans hold the block constants they were built with: build new ones.
+        # Plans hold the block constants they were built with: build new ones.
         monkeypatch.setattr(launch, "_BACKWARD_PLANS", {})
+        monkeypatch.setattr(launch, "_FORWARD_PLANS", {})
 
     yield apply
     for kernel, configs, cache in saved:
