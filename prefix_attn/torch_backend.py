@@ -20,7 +20,9 @@ Two paths:
   those of the whole softmax over [prefix; keys].
 - Otherwise (dropout, whose mask must be the kernels' Philox mask bit for bit; CUDA tensors; an
   lse gradient; double backward), scores of [prefix; keys] are materialised for query chunks that
-  stay within ``CHUNK_ELEMENTS``.
+  stay within ``CHUNK_ELEMENTS``. On CPU the forward keeps each chunk's dropout keep-mask bit-packed
+  for the backward (``_SAVED_KEEP``: 1/32 of a chunk's fp32 scores, freed with the graph) instead of
+  drawing it twice; Philox in NumPy is the largest single cost of this path at training shapes.
 """
 import math
 import weakref
