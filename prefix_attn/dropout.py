@@ -11,6 +11,7 @@ for keys, P8 = P rounded up to 8 and G = P8 / 8 + ceil(Lk / 8). The Triton kerne
 backend both draw this mask, bit for bit, so the backward regenerates the forward's mask and the
 two backends agree under dropout.
 """
+import functools
 from typing import Optional
 
 import numpy as np
@@ -80,6 +81,20 @@ def philox4x32(counter: torch.Tensor, seed: int):
     return c0, c1, c2, c3
 
 
+@functools.lru_cache(maxsize=64)
+def _round_keys(seed: int) -> tuple:
+    """The ten rounds' keys of philox4x32 for ``seed``, each a (2, 1) uint64 array (k1, k0) that XORs into the
+    (new c2, new c0) pair: cached because every layer call of a training step draws from its own seed
+    twice (forward and backward), and building them costs ten small NumPy allocations."""
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    keys = []
+    for _ in range(10):
+        keys.append(np.array([[k1], [k0]], dtype=np.uint64))
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return tuple(keys)
+
+
 def _philox4x32_numpy(counter: np.ndarray, seed: int):
     """philox4x32 for uint64 NumPy counters, returning the words r0, r2, r1, r3 as one (4, n) array.
 
@@ -90,23 +105,21 @@ def _philox4x32_numpy(counter: np.ndarray, seed: int):
     """
     mask32 = np.uint64(_MASK32)
     factors = np.array([[_PHILOX_ROUND_A], [_PHILOX_ROUND_B]], dtype=np.uint64)
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     ca = np.empty((2, counter.size), dtype=np.uint64)  # (c0, c2)
     cb = np.empty((2, counter.size), dtype=np.uint64)  # (c1, c3)
     np.bitwise_and(counter, mask32, out=ca[0])
     np.right_shift(counter, np.uint64(32), out=cb[0])
     ca[1] = cb[1] = 0
     buffers = [(np.empty_like(ca), np.empty_like(ca)) for _ in range(2)]
-    for r in range(10):
+    shift = np.uint64(32)
+    for r, keys in enumerate(_round_keys(seed)):
         prod, low = buffers[r % 2]
         np.multiply(ca, factors, out=prod)  # (c0 * A, c2 * B)
         np.bitwise_and(prod, mask32, out=low)  # (new c3, new c1)
-        np.right_shift(prod, np.uint64(32), out=prod)
+        np.right_shift(prod, shift, out=prod)
         prod ^= cb[::-1]  # (hi_a ^ c3, hi_b ^ c1)
-        prod ^= np.array([[k1], [k0]], dtype=np.uint64)  # (new c2, new c0)
+        prod ^= keys  # (new c2, new c0)
         ca, cb = prod[::-1], low[::-1]
-        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
-        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
     return np.concatenate([ca, cb])  # r0, r2, r1, r3
 
 
@@ -125,7 +138,6 @@ def keep_mask_rows(seed: int, offset: int, rows: torch.Tensor, n_prefix: int, n_
     if use_numpy is None:
         use_numpy = rows.device.type == "cpu"
     n_groups = groups_per_row(n_prefix, n_keys)
-    prefix8 = padded_prefix(n_prefix)
     threshold = keep_threshold(dropout_p)
     n_rows = rows.numel()
     # (rows, groups, 2, 4): column order of csrc_triton.common.dropout_keep_tile's nested joins
@@ -134,17 +146,7 @@ def keep_mask_rows(seed: int, offset: int, rows: torch.Tensor, n_prefix: int, n_
     # exactly when the word is >= t * 2**16.
     step = max(1, BLOCK_COUNTERS // n_groups)
     if use_numpy:
-        keep_np = np.empty((n_rows, n_groups, 2, 4), dtype=np.bool_)
-        columns = np.arange(n_groups, dtype=np.uint64) + np.uint64(offset)
-        rows_np = rows.cpu().numpy().astype(np.uint64)
-        for start in range(0, n_rows, step):
-            block = slice(start, start + step)
-            counter = (rows_np[block, None] * np.uint64(n_groups) + columns).reshape(-1)
-            words = _philox4x32_numpy(counter, seed).reshape(4, -1, n_groups)  # (4, rows, groups)
-            out = keep_np[block].transpose(2, 3, 0, 1)  # (2, 4, rows, groups) view
-            np.greater_equal(words, np.uint64(threshold << 16), out=out[1])
-            np.greater_equal(words & np.uint64(0xFFFF), np.uint64(threshold), out=out[0])
-        keep = torch.from_numpy(keep_np).to(rows.device)
+        keep = _keep_numpy(seed, offset, rows.cpu().numpy().astype(np.uint64), n_groups, threshold).to(rows.device)
     else:
         keep = torch.empty((n_rows, n_groups, 2, 4), dtype=torch.bool, device=rows.device)
         columns = torch.arange(offset, offset + n_groups, device=rows.device)
@@ -155,10 +157,51 @@ def keep_mask_rows(seed: int, offset: int, rows: torch.Tensor, n_prefix: int, n_
             for column, word in zip((0, 2, 1, 3), words):
                 torch.ge(word, threshold << 16, out=keep[block, :, 1, column])
                 torch.ge(word.bitwise_and_(0xFFFF), threshold, out=keep[block, :, 0, column])
-    keep = keep.view(n_rows, 8 * n_groups)
+    return _keep_columns(keep.view(n_rows, 8 * n_groups), n_prefix, n_keys)
+
+
+def _keep_columns(keep: torch.Tensor, n_prefix: int, n_keys: int) -> torch.Tensor:
+    """(rows, 8 * groups) drawn columns -> (rows, n_prefix + n_keys): the prefix's padding columns left out."""
+    prefix8 = padded_prefix(n_prefix)
     if prefix8 == n_prefix:
         return keep[:, :n_prefix + n_keys]
     return torch.cat([keep[:, :n_prefix], keep[:, prefix8:prefix8 + n_keys]], dim=1)
+
+
+def _keep_numpy(seed: int, offset: int, rows_np: np.ndarray, n_groups: int, threshold: int) -> torch.Tensor:
+    """The NumPy draw of keep_mask_rows: (rows, groups, 2, 4) bool (a CPU tensor) for uint64 row numbers."""
+    n_rows = rows_np.size
+    step = max(1, BLOCK_COUNTERS // n_groups)
+    keep_np = np.empty((n_rows, n_groups, 2, 4), dtype=np.bool_)
+    columns = np.arange(n_groups, dtype=np.uint64) + np.uint64(offset)
+    for start in range(0, n_rows, step):
+        block = slice(start, start + step)
+        counter = (rows_np[block, None] * np.uint64(n_groups) + columns).reshape(-1)
+        words = _philox4x32_numpy(counter, seed).reshape(4, -1, n_groups)  # (4, rows, groups)
+        out = keep_np[block].transpose(2, 3, 0, 1)  # (2, 4, rows, groups) view
+        np.greater_equal(words, np.uint64(threshold << 16), out=out[1])
+        np.greater_equal(words & np.uint64(0xFFFF), np.uint64(threshold), out=out[0])
+    return torch.from_numpy(keep_np)
+
+
+def keep_mask_grid(seed: int, offset: int, n_heads_total: int, seqlen_q: int, rows: slice, n_prefix: int,
+                   n_keys: int, dropout_p: float, device: torch.device) -> torch.Tensor:
+    """Keep-mask (n_heads_total, len(rows), n_prefix + n_keys) of query rows ``rows`` of every (batch, head):
+    keep_mask_rows of the flattened rows (b * H + h) * seqlen_q + i, i in rows (n_heads_total = B * H).
+
+    On CPU the row numbers are built in NumPy: no torch op before the draw (a torch op costs several
+    microseconds of dispatch, and the draw runs once in forward and again in backward per layer).
+    """
+    c = rows.stop - rows.start
+    if torch.device(device).type != "cpu":
+        i = torch.arange(rows.start, rows.stop, device=device)
+        flat = (torch.arange(n_heads_total, device=device)[:, None] * seqlen_q + i[None, :]).flatten()
+        return keep_mask_rows(seed, offset, flat, n_prefix, n_keys, dropout_p).view(n_heads_total, c, -1)
+    n_groups = groups_per_row(n_prefix, n_keys)
+    rows_np = (np.arange(n_heads_total, dtype=np.uint64)[:, None] * np.uint64(seqlen_q)
+               + np.arange(rows.start, rows.stop, dtype=np.uint64)).reshape(-1)
+    keep = _keep_numpy(seed, offset, rows_np, n_groups, keep_threshold(dropout_p))
+    return _keep_columns(keep.view(-1, 8 * n_groups), n_prefix, n_keys).view(n_heads_total, c, -1)
 
 
 def dropout_keep_mask(rng_state: torch.Tensor, batch: int, heads: int, seqlen_q: int, n_prefix: int,

@@ -20,15 +20,20 @@ Two paths:
   those of the whole softmax over [prefix; keys].
 - Otherwise (dropout, whose mask must be the kernels' Philox mask bit for bit; CUDA tensors; an
   lse gradient; double backward), scores of [prefix; keys] are materialised for query chunks that
-  stay within ``CHUNK_ELEMENTS``.
+  stay within ``CHUNK_ELEMENTS``. On CPU the forward keeps each chunk's dropout keep-mask bit-packed
+  for the backward (``_SAVED_KEEP``: 1/32 of a chunk's fp32 scores, freed with the graph) instead of
+  drawing it twice; Philox in NumPy is the largest single cost of this path at training shapes.
 """
+import math
+import weakref
 from typing import Optional
 
+import numpy as np
 import torch
 
 from prefix_attn.args import AttnArgs
 from prefix_attn.checks import AttnDims, default_scale
-from prefix_attn.dropout import keep_mask_rows, keep_scale
+from prefix_attn.dropout import keep_mask_grid, keep_scale
 
 # fp32 score elements per query chunk (64 MiB per score-sized buffer).
 CHUNK_ELEMENTS = 1 << 24
@@ -45,10 +50,12 @@ class _Prefix:
             idx = prefix_idx.to(torch.int64)
             self.groups = [(t, (idx == t).nonzero().flatten()) for t in torch.unique(idx).tolist()]
         else:
-            idx = torch.zeros(dims.batch, dtype=torch.int64, device=device)
+            idx = None
             self.groups = [(0, None)]  # None: every row, no gather
-        slots = torch.arange(self.P, device=device)
         if prefix_lens is not None:
+            if idx is None:
+                idx = torch.zeros(dims.batch, dtype=torch.int64, device=device)
+            slots = torch.arange(self.P, device=device)
             lens = prefix_lens.to(torch.int64)
             self.slot_ok = slots[None, :] < lens[idx][:, None]  # (B, P)
             # Slots past a task's prefix_lens are never read: they may hold anything (a bank allocated
@@ -72,6 +79,8 @@ class _Prefix:
 
     def reduce(self, a, b, fn):
         """Sum fn(a_rows, b_rows) over each task's rows: (T, Hkv, P, D) prefix-shaped result."""
+        if len(self.groups) == 1 and self.groups[0][1] is None:
+            return fn(a, b)[None]
         result = self.k.new_zeros(self.k.shape)
         for t, rows in self.groups:
             result[t] = fn(a, b) if rows is None else fn(a[rows], b[rows])
@@ -83,14 +92,35 @@ def _chunk_rows(dims: AttnDims) -> int:
     return max(1, min(dims.seqlen_q, CHUNK_ELEMENTS // per_row))
 
 
-def _keep(rng, dropout_p: float, dims: AttnDims, rows: slice, device) -> torch.Tensor:
-    """Dropout keep-mask (B, H, chunk, P + Lk) for the query rows ``rows``."""
+# The forward's keep-masks, bit-packed, for the backward of the same call: id(rng_state) ->
+# {(seed, offset, dims, rows, dropout_p): packed bits}. An entry lives as long as the call's rng_state
+# tensor (which the autograd node saves for its backward), so it costs what a saved tensor of
+# B * H * Lq * (P + Lk) / 8 bytes would, and goes with the graph. The key holds everything the mask is
+# a function of, so a hit is the mask the backward would draw, bit for bit; a miss (another rng_state
+# tensor, e.g. through the custom op) draws it again.
+_SAVED_KEEP: dict = {}
+
+
+def _keep(rng, dropout_p: float, dims: AttnDims, rows: slice, save: bool) -> torch.Tensor:
+    """Dropout keep-mask (B, H, chunk, P + Lk) for the query rows ``rows``, as the fp32 factors that
+    multiply p: keep_scale where kept, 0 where dropped. save: keep it (packed) for the backward; else
+    take it from there when the forward saved it."""
     seed, offset = (int(x) for x in rng.tolist())
-    B, H, Lq = dims.batch, dims.heads, dims.seqlen_q
-    i = torch.arange(rows.start, rows.stop, device=device)
-    flat = (torch.arange(B * H, device=device)[:, None] * Lq + i[None, :]).flatten()
-    mask = keep_mask_rows(seed, offset, flat, dims.prefix_len, dims.seqlen_k, dropout_p)
-    return mask.reshape(B, H, rows.stop - rows.start, -1)
+    shape = (dims.batch, dims.heads, rows.stop - rows.start, dims.prefix_len + dims.seqlen_k)
+    key = (seed, offset, shape, dims.seqlen_q, rows.start, dropout_p)
+    saved = _SAVED_KEEP.get(id(rng))
+    packed = None if save or saved is None else saved.get(key)
+    if packed is not None:
+        mask = torch.from_numpy(np.unpackbits(packed, count=math.prod(shape)).view(np.bool_))
+    else:
+        mask = keep_mask_grid(seed, offset, dims.batch * dims.heads, dims.seqlen_q, rows, dims.prefix_len,
+                              dims.seqlen_k, dropout_p, rng.device)
+        if save and mask.device.type == "cpu":
+            if saved is None:
+                saved = _SAVED_KEEP[id(rng)] = {}
+                weakref.finalize(rng, _SAVED_KEEP.pop, id(rng), None)
+            saved[key] = np.packbits(mask.numpy().reshape(-1))
+    return mask.reshape(shape).to(torch.float32).mul_(keep_scale(dropout_p))
 
 
 def _grouped(x, dims: AttnDims):
@@ -114,42 +144,55 @@ def _gemm_kv(x, kv, dims: AttnDims):
 
 def _gemm_prefix(x, prefix_kv, dims: AttnDims, transpose: bool):
     """x (n, H, c, X) per query head times its KV head's prefix block (Hkv, P, D) (transposed: (Hkv, D, P))
-    -> (n, H, c, Y). An einsum, not torch.matmul: matmul broadcasts the prefix over n by expanding it and
-    copying the expansion (the batch-expanded prefix this backend never builds); the einsum folds n into
-    the GEMM rows instead."""
-    equation = "nhrx,hyx->nhry" if transpose else "nhrx,hxy->nhry"
-    return _per_query_head(torch.einsum(equation, _grouped(x, dims), prefix_kv), dims)
+    -> (n, H, c, Y). Not torch.matmul: matmul broadcasts the prefix over n by expanding it and copying the
+    expansion (the batch-expanded prefix this backend never builds); n goes into the GEMM rows instead, one
+    bmm per KV head (what an einsum does, without its equation parsing: measured ~2x its cost per call at
+    training shapes, and a layer runs seven of these per training step)."""
+    xg = _grouped(x, dims)
+    n, hkv, rows, X = xg.shape
+    # (Hkv, n * G * c, X): a view when x's rows (n, c) merge, e.g. q seen (B, H, Lq, D) in (B, Lq, H, D) memory.
+    y = torch.bmm(xg.transpose(0, 1).reshape(hkv, n * rows, X), prefix_kv.transpose(-1, -2) if transpose else prefix_kv)
+    return _per_query_head(y.view(hkv, n, rows, y.shape[-1]).transpose(0, 1), dims)
 
 
 def _reduce_prefix_grad(a, b, dims: AttnDims):
     """sum over rows of a^T b for a (n, H, c, P), b (n, H, c, D) -> (Hkv, P, D), summed over each group."""
-    return torch.einsum("nhrp,nhrd->hpd", _grouped(a, dims), _grouped(b, dims))
+    ag, bg = _grouped(a, dims), _grouped(b, dims)
+    n, hkv, rows, P = ag.shape
+    return torch.bmm(ag.permute(1, 3, 0, 2).reshape(hkv, P, n * rows),
+                     bg.transpose(0, 1).reshape(hkv, n * rows, bg.shape[-1]))
 
 
 def _probs(qc, kf, prefix: Optional[_Prefix], key_ok, causal, scale, dims: AttnDims, rows: slice, lse=None):
     """Scores of the query chunk against [prefix; keys] -> (p (B, H, c, P + Lk), lse (B, H, c))."""
     B, H = dims.batch, dims.heads
     c = rows.stop - rows.start
-    s_seq = _gemm_kv(qc, kf.transpose(-1, -2), dims) * scale
-    visible = torch.ones((1, 1, c, dims.seqlen_k), dtype=torch.bool, device=qc.device)
-    if key_ok is not None:
-        visible = visible & key_ok[:, None, None, :]
+    s_seq = _gemm_kv(qc, kf.transpose(-1, -2), dims).mul_(scale)
+    # Masks built with as few ops as possible (each costs microseconds of dispatch at training shapes):
+    # key j is visible to query row rows.start + r iff j <= rows.start + r + Lk - Lq, a lower triangle.
+    hidden = None
     if causal:
-        qpos = torch.arange(rows.start, rows.stop, device=qc.device) + (dims.seqlen_k - dims.seqlen_q)
-        visible = visible & (torch.arange(dims.seqlen_k, device=qc.device)[None, :] <= qpos[:, None])
-    s_seq = s_seq.masked_fill(~visible, float("-inf"))
+        hidden = torch.ones((c, dims.seqlen_k), dtype=torch.bool, device=qc.device).triu_(
+            rows.start + dims.seqlen_k - dims.seqlen_q + 1)
+    if key_ok is not None:
+        padding = ~key_ok[:, None, None, :]
+        hidden = padding if hidden is None else hidden | padding
+    if hidden is not None:
+        s_seq.masked_fill_(hidden, float("-inf"))
     if prefix is not None:
-        s_pre = prefix.apply(qc, lambda x, t: _gemm_prefix(x, prefix.k[t], dims, transpose=True) * scale,
-                             (B, H, c, prefix.P))
+        s_pre = prefix.apply(qc, lambda x, t: _gemm_prefix(x, prefix.k[t], dims, transpose=True),
+                             (B, H, c, prefix.P)).mul_(scale)
         if prefix.slot_ok is not None:
-            s_pre = s_pre.masked_fill(~prefix.slot_ok[:, None, None, :], float("-inf"))
+            s_pre.masked_fill_(~prefix.slot_ok[:, None, None, :], float("-inf"))
         s = torch.cat([s_pre, s_seq], dim=-1)
     else:
         s = s_seq
     if lse is None:
         lse = torch.logsumexp(s, dim=-1)
-    lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    return torch.exp(s - lse_safe[..., None]), lse
+    # A row that sees nothing has lse -inf: subtract 0 instead, every p is exp(-inf) = 0. (s is a fresh
+    # buffer here: cat's, or s_seq's own, which nothing else holds.)
+    lse_safe = torch.where(torch.isneginf(lse), 0.0, lse)
+    return s.sub_(lse_safe[..., None]).exp_(), lse
 
 
 # ---- CPU: the fused kernel for the own keys, the prefix slots explicitly ---------------------------------
@@ -295,20 +338,25 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state):
     if _use_fused_cpu_kernel(q, dims, dropout_p):
         return _forward_fused_cpu(q, k, v, prefix, key_ok, causal, scale, dims)
     qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # (B, H, Lq, D), (B, Hkv, Lk, D)
-    out = torch.empty((dims.batch, dims.heads, dims.seqlen_q, dims.head_dim), dtype=torch.float32, device=q.device)
-    lse = torch.empty((dims.batch, dims.heads, dims.seqlen_q), dtype=torch.float32, device=q.device)
     chunk = _chunk_rows(dims)
+    one_chunk = 0 < dims.seqlen_q <= chunk  # the usual case: no (B, H, Lq, .) buffers to copy chunks into
+    if not one_chunk:
+        out = torch.empty((dims.batch, dims.heads, dims.seqlen_q, dims.head_dim), dtype=torch.float32, device=q.device)
+        lse = torch.empty((dims.batch, dims.heads, dims.seqlen_q), dtype=torch.float32, device=q.device)
     P = dims.prefix_len
     for start in range(0, dims.seqlen_q, chunk):
         rows = slice(start, min(start + chunk, dims.seqlen_q))
-        p, lse[:, :, rows] = _probs(qf[:, :, rows], kf, prefix, key_ok, causal, scale, dims, rows)
+        p, lse_c = _probs(qf[:, :, rows], kf, prefix, key_ok, causal, scale, dims, rows)
         if dropout_p > 0.0:
-            p = p * (_keep(rng_state, dropout_p, dims, rows, q.device) * keep_scale(dropout_p))
+            p.mul_(_keep(rng_state, dropout_p, dims, rows, save=True))
         o = _gemm_kv(p[..., P:], vf, dims)
         if prefix is not None:
-            o = o + prefix.apply(p[..., :P], lambda x, t: _gemm_prefix(x, prefix.v[t], dims, transpose=False),
-                                 o.shape)
-        out[:, :, rows] = o
+            o.add_(prefix.apply(p[..., :P], lambda x, t: _gemm_prefix(x, prefix.v[t], dims, transpose=False),
+                                o.shape))
+        if one_chunk:
+            out, lse = o, lse_c
+        else:
+            out[:, :, rows], lse[:, :, rows] = o, lse_c
     # Contiguous (B, Lq, H, D), as the custom op's fake promises: torch.compile plans views on it.
     return out.transpose(1, 2).contiguous().to(q.dtype), lse
 
@@ -327,14 +375,11 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: 
     delta = (dof * of).sum(-1)
     if dlse is not None:
         delta = delta - dlse.float()
-    dq = torch.empty_like(qf)
-    dk = torch.zeros_like(kf)
-    dv = torch.zeros_like(vf)
-    dpk = dpv = None
-    if prefix is not None:
-        dpk = torch.zeros_like(prefix.k)
-        dpv = torch.zeros_like(prefix.v)
     chunk = _chunk_rows(dims)
+    one_chunk = 0 < dims.seqlen_q <= chunk
+    dq = None if one_chunk else torch.empty_like(qf)
+    dk = dv = dpk = dpv = None  # sums over chunks, started by the first
+    add = lambda total, x: x if total is None else total.add_(x)  # noqa: E731
     P = dims.prefix_len
     B, H = dims.batch, dims.heads
     for start in range(0, dims.seqlen_q, chunk):
@@ -350,23 +395,30 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: 
             dp = dp_seq
         p_kept = p
         if dropout_p > 0.0:
-            keep = _keep(rng_state, dropout_p, dims, rows, q.device) * keep_scale(dropout_p)
+            keep = _keep(rng_state, dropout_p, dims, rows, save=False)
             p_kept = p * keep
-            dp = dp * keep
-        ds = p * (dp - delta[:, :, rows, None])
+            dp.mul_(keep)  # dp is a fresh buffer (cat's, or dp_seq's)
+        ds = dp.sub_(delta[:, :, rows, None]).mul_(p)
         dq_c = _gemm_kv(ds[..., P:], kf, dims)
         # dK, dV (B, Hkv, Lk, D): the GEMM over the group's G * c rows sums the group's query heads.
-        dk += torch.matmul(_grouped(ds[..., P:], dims).transpose(-1, -2), _grouped(qc, dims))
-        dv += torch.matmul(_grouped(p_kept[..., P:], dims).transpose(-1, -2), _grouped(doc, dims))
+        dk = add(dk, torch.matmul(_grouped(ds[..., P:], dims).transpose(-1, -2), _grouped(qc, dims)))
+        dv = add(dv, torch.matmul(_grouped(p_kept[..., P:], dims).transpose(-1, -2), _grouped(doc, dims)))
         if prefix is not None:
             ds_pre, pk_pre = ds[..., :P], p_kept[..., :P]
-            dq_c = dq_c + prefix.apply(ds_pre, lambda x, t: _gemm_prefix(x, prefix.k[t], dims, transpose=False),
-                                       dq_c.shape)
-            dpk += prefix.reduce(ds_pre, qc, lambda a, b: _reduce_prefix_grad(a, b, dims))
-            dpv += prefix.reduce(pk_pre, doc, lambda a, b: _reduce_prefix_grad(a, b, dims))
-        dq[:, :, rows] = dq_c
-    dq = (dq * scale).transpose(1, 2).contiguous().to(q.dtype)
-    dk = (dk * scale).transpose(1, 2).contiguous().to(k.dtype)
+            dq_c.add_(prefix.apply(ds_pre, lambda x, t: _gemm_prefix(x, prefix.k[t], dims, transpose=False),
+                                   dq_c.shape))
+            dpk = add(dpk, prefix.reduce(ds_pre, qc, lambda a, b: _reduce_prefix_grad(a, b, dims)))
+            dpv = add(dpv, prefix.reduce(pk_pre, doc, lambda a, b: _reduce_prefix_grad(a, b, dims)))
+        if one_chunk:
+            dq = dq_c
+        else:
+            dq[:, :, rows] = dq_c
+    if dk is None:  # Lq = 0: no chunk ran
+        dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+        if prefix is not None:
+            dpk, dpv = torch.zeros_like(prefix.k), torch.zeros_like(prefix.v)
+    dq = dq.mul_(scale).transpose(1, 2).contiguous().to(q.dtype)
+    dk = dk.mul_(scale).transpose(1, 2).contiguous().to(k.dtype)
     dv = dv.transpose(1, 2).contiguous().to(v.dtype)
     return (dq, dk, dv, *_prefix_grads(dpk, dpv, prefix_k, prefix_v, scale))
 
