@@ -24,11 +24,15 @@ class AttnShape:
     L: int
     P: int
     D: int = 64
-    Hkv: int = 0  # KV heads (grouped heads); 0: as many as the query heads
+    Hkv: int = 0  # KV heads (grouped heads); 0 (the default) becomes H: as many as the query heads
+
+    def __post_init__(self):
+        if not self.Hkv:
+            object.__setattr__(self, "Hkv", self.H)
 
     @property
     def kv_heads(self) -> int:
-        return self.Hkv or self.H
+        return self.Hkv
 
     def visible_pairs(self) -> int:
         """Query-key pairs a causal call computes usefully: every prefix slot plus keys <= i."""

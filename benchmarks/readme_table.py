@@ -67,7 +67,7 @@ def _index(records):
 
 
 def op_table(run, data):
-    recs = [r for r in _records(data, "attn") if not r.get("Hkv") and r.get("D", 64) == 64]  # GPT-2 shapes
+    recs = [r for r in _records(data, "attn") if r.get("Hkv", r["H"]) == r["H"] and r.get("D", 64) == 64]  # GPT-2
     idx = _index(recs)
     shapes = sorted({(r["B"], r["H"], r["L"], r["P"]) for r in recs}, key=lambda s: (s[2], s[3]))
     lines = ["| B, H, L, P (D = 64, bf16) | mode | prefix_attn kernel ms | TFLOP/s | concat_sdpa kernel ms | "
