@@ -4,6 +4,7 @@ import dataclasses
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from prefix_attn import prefix_attn_func
 from prefix_attn.reference import prefix_attn_ref
@@ -226,3 +227,19 @@ def no_cache_generate(model, seed=123, **kwargs):
     torch.manual_seed(seed)
     with reference_attention(), torch.no_grad():
         return model.generate(**kwargs, use_cache=False)
+
+
+class ShapeLog(TorchDispatchMode):
+    """Records (op, output shape) of every op run under it: tests look for tensors that should
+    never exist (KV heads repeated over a group, the batch-expanded prefix)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(x, torch.Tensor):
+                self.shapes.append((str(func), tuple(x.shape)))
+        return out

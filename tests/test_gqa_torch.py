@@ -4,12 +4,11 @@ fused CPU kernel without dropout, the explicit one with dropout, an lse gradient
 the dropout mask drawn per QUERY head as the Triton kernels draw it, and no expanded KV anywhere."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from prefix_attn import prefix_attn_func, torch_backend
 from prefix_attn.dropout import draw_rng_state, dropout_keep_mask
 from prefix_attn.reference import prefix_attn_ref
-from tests.helpers import Case, check_against_reference, make_inputs, max_err, run_op, to64
+from tests.helpers import Case, ShapeLog, check_against_reference, make_inputs, max_err, run_op, to64
 
 H = 4
 KV_HEADS = [1, H // 2]  # G = 4 and G = 2
@@ -145,19 +144,6 @@ def test_double_backward_matches_reference(kv_heads, dropout_p):
         assert max_err(a, b) < 1e-4 * scale, name
 
 
-class _ShapeLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(x, torch.Tensor):
-                self.shapes.append((str(func), tuple(x.shape)))
-        return out
-
-
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 @pytest.mark.parametrize("bank", [False, True])
 def test_kv_heads_are_never_expanded(dropout_p, bank):
@@ -170,7 +156,7 @@ def test_kv_heads_are_never_expanded(dropout_p, bank):
     shape = (3, P, kv_heads, D) if bank else (P, kv_heads, D)
     prefix_k, prefix_v = (torch.randn(*shape, requires_grad=True) for _ in range(2))
     kwargs = {"prefix_idx": torch.tensor([2, 0])} if bank else {}
-    log = _ShapeLog()
+    log = ShapeLog()
     with log:
         out = prefix_attn_func(q, k, v, prefix_k, prefix_v, dropout_p=dropout_p, backend="torch", **kwargs)
         (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)

@@ -5,12 +5,11 @@ shared prefix and bank with prefix_lens, every mask kind, causal and not, dropou
 pieces, run-to-run determinism, no expanded KV, and decode-shaped calls through the public op."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from prefix_attn import prefix_attn_func, triton_launch
 from prefix_attn.dropout import draw_rng_state, dropout_keep_mask
 from prefix_attn.reference import prefix_attn_ref
-from tests.helpers import Case, check_against_reference, max_err, run_op, to64
+from tests.helpers import Case, ShapeLog, check_against_reference, max_err, run_op, to64
 from tests.test_gqa_torch import make_grouped_inputs
 
 H = 4
@@ -147,19 +146,6 @@ def test_grouped_equals_equal_heads_with_repeated_kv():
         torch.testing.assert_close(a, summed, atol=1e-5, rtol=1e-5)
 
 
-class _ShapeLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(x, torch.Tensor):
-                self.shapes.append((str(func), tuple(x.shape)))
-        return out
-
-
 def test_kv_heads_are_never_expanded():
     """No tensor the Triton call allocates (forward and backward) has the query heads next to the
     key length or prefix length: K, V and the prefix are read per KV head, never repeated."""
@@ -167,7 +153,7 @@ def test_kv_heads_are_never_expanded():
     q = torch.randn(B, Lq, Hq, D, requires_grad=True)
     k, v = (torch.randn(B, Lk, kv_heads, D, requires_grad=True) for _ in range(2))
     prefix_k, prefix_v = (torch.randn(3, P, kv_heads, D, requires_grad=True) for _ in range(2))
-    log = _ShapeLog()
+    log = ShapeLog()
     with log:
         out = prefix_attn_func(q, k, v, prefix_k, prefix_v, prefix_idx=torch.tensor([2, 0]), dropout_p=0.2,
                                backend="triton")

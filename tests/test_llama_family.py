@@ -21,8 +21,8 @@ import prefix_attn  # noqa: E402
 import prefix_attn.integrations.hf_attention as hf_attention  # noqa: E402
 from prefix_attn import (PrefixTuning, apply_prefix_attn, apply_prefix_attn_to_peft, revert_prefix_attn,  # noqa: E402
                          revert_prefix_attn_to_peft)
-from prefix_attn.reference import prefix_attn_ref  # noqa: E402
 from tests.helpers import VOCAB, OpSpy, make_batch, no_cache_generate  # noqa: E402
+from tests.peft_checks import reference_op, assert_close, assert_runs_equal, run  # noqa: E402
 
 ATTN = hf_attention.ATTN_IMPLEMENTATION
 P = 4
@@ -63,33 +63,6 @@ def peft_pair(kind, projection=False, dtype=torch.float32, seed=0, attn="eager")
     return ref, ours
 
 
-def run(model, ids, mask):
-    """loss, logits at real tokens, and the gradient of every prompt-encoder parameter."""
-    model.zero_grad()
-    out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-    out.loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.prompt_encoder.named_parameters()}
-    assert grads and all(g.abs().sum() > 0 for g in grads.values())
-    return out.loss.detach(), out.logits.detach()[mask.bool()], grads
-
-
-def assert_close(got, ref, tol, what):
-    err = (got.double() - ref.double()).abs().max().item()
-    bound = tol * max(1.0, ref.abs().max().item())
-    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
-
-
-def assert_runs_equal(got, ref, tol):
-    (loss, logits, grads), (ref_loss, ref_logits, ref_grads) = got, ref
-    assert_close(loss, ref_loss, tol, "loss")
-    assert_close(logits, ref_logits, tol, "logits")
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        assert_close(grads[name], ref_grads[name], tol, f"grad {name}")
-
-
-def _reference_op(*args, backend=None, **kwargs):
-    return prefix_attn_ref(*args, **kwargs)
 
 
 # ---- PEFT route --------------------------------------------------------------------------------------
@@ -99,7 +72,7 @@ def _reference_op(*args, backend=None, **kwargs):
 def test_peft_routing_equals_peft_exactly_in_float64(monkeypatch, kind, projection, padding):
     """Positions P + i for the new tokens, unrotated prefix keys, grouped heads: to rounding. PEFT runs
     over sdpa here: Llama's eager attention takes its softmax in float32 even for float64 inputs."""
-    monkeypatch.setattr(hf_attention, "prefix_attn_func", _reference_op)
+    monkeypatch.setattr(hf_attention, "prefix_attn_func", reference_op)
     ref, ours = peft_pair(kind, projection, dtype=torch.float64, attn="sdpa")
     ids, mask = make_batch(padding, batch=3, length=7)
     assert_runs_equal(run(ours, ids, mask), run(ref, ids, mask), tol=1e-10)

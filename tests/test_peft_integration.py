@@ -19,9 +19,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForC
 
 import prefix_attn.integrations.hf_attention as hf_attention  # noqa: E402
 from prefix_attn import apply_prefix_attn_to_peft  # noqa: E402
-from prefix_attn.reference import prefix_attn_ref  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
 from tests.helpers import VOCAB, OpSpy, make_batch, no_cache_generate  # noqa: E402
+from tests.peft_checks import reference_op, assert_close, assert_runs_equal, run  # noqa: E402
 
 P = 5
 
@@ -49,40 +49,12 @@ def peft_pair(projection, seed=0, dtype=torch.float32, device="cpu", **overrides
     return ref, ours
 
 
-def run(model, ids, mask, **kwargs):
-    """loss, logits at real tokens, and the gradient of every prompt-encoder parameter."""
-    model.zero_grad()
-    labels = ids.masked_fill(mask == 0, -100)
-    out = model(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
-    out.loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.prompt_encoder.named_parameters()}
-    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
-    return out.loss.detach(), out.logits.detach()[mask.bool()], grads
-
-
-def assert_close(got, ref, tol, what):
-    err = (got.double() - ref.double()).abs().max().item()
-    bound = tol * max(1.0, ref.abs().max().item())
-    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
-
-
-def assert_runs_equal(got, ref, tol):
-    (loss, logits, grads), (ref_loss, ref_logits, ref_grads) = got, ref
-    assert_close(loss, ref_loss, tol, "loss")
-    assert_close(logits, ref_logits, tol, "logits")
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        assert_close(grads[name], ref_grads[name], tol, f"grad {name}")
-
-
-def _reference_op(*args, backend=None, **kwargs):
-    return prefix_attn_ref(*args, **kwargs)
 
 
 @pytest.mark.parametrize("padding", [None, "right", "left"])
 @pytest.mark.parametrize("projection", [False, True])
 def test_routing_equals_peft_exactly_in_float64(monkeypatch, projection, padding):
-    monkeypatch.setattr(hf_attention, "prefix_attn_func", _reference_op)
+    monkeypatch.setattr(hf_attention, "prefix_attn_func", reference_op)
     ref, ours = peft_pair(projection, dtype=torch.float64)
     ids, mask = make_batch(padding)
     assert_runs_equal(run(ours, ids, mask), run(ref, ids, mask), tol=1e-10)
