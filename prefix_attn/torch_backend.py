@@ -428,10 +428,11 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: 
 
 
 def _prefix_grads(dpk, dpv, prefix_k, prefix_v, scale):
-    """The prefix gradients (T, Hkv, P, D) fp32 (dpk still unscaled) in the prefix's shape and dtype."""
+    """The prefix gradients (T, Hkv, P, D) fp32 (dpk still unscaled) in the prefix's shape and dtype,
+    contiguous (the custom op's fake promises it; a reshape of the transpose may stay a strided view)."""
     if dpk is not None:
-        dpk = (dpk * scale).transpose(1, 2).reshape(prefix_k.shape).to(prefix_k.dtype)
-        dpv = dpv.transpose(1, 2).reshape(prefix_v.shape).to(prefix_v.dtype)
+        dpk = (dpk * scale).transpose(1, 2).reshape(prefix_k.shape).to(prefix_k.dtype).contiguous()
+        dpv = dpv.transpose(1, 2).reshape(prefix_v.shape).to(prefix_v.dtype).contiguous()
     elif prefix_k is not None:
         dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
     return dpk, dpv
