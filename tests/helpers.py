@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from prefix_attn import prefix_attn_func
+from prefix_attn import prefix_attn_func, torch_backend
+from prefix_attn.dropout import draw_rng_state, dropout_keep_mask
 from prefix_attn.reference import prefix_attn_ref
 from tests.conftest import DEVICE
 
@@ -243,3 +244,34 @@ class ShapeLog(TorchDispatchMode):
             if isinstance(x, torch.Tensor):
                 self.shapes.append((str(func), tuple(x.shape)))
         return out
+
+
+class PathSpy:
+    """Records which of the torch backend's fused CPU functions a call ran."""
+
+    def __init__(self, monkeypatch):
+        self.fused = []
+        for name in ("_forward_fused_cpu", "_backward_fused_cpu"):
+            real = getattr(torch_backend, name)
+            monkeypatch.setattr(torch_backend, name, self._wrap(name, real))
+
+    def _wrap(self, name, real):
+        def spy(*args, **kwargs):
+            self.fused.append(name)
+            return real(*args, **kwargs)
+        return spy
+
+
+def dropout_run_and_reference(case, tensors, kwargs, p: float, backend: str):
+    """The op with dropout p, and the float64 reference run with the keep-mask the op drew (same
+    seed): (rng_state, [(name, ours, reference)] for out, lse and every gradient)."""
+    dout = torch.randn_like(tensors["q"])
+    torch.manual_seed(99)
+    out, lse, grads = run_op(lambda **kw: prefix_attn_func(**kw, dropout_p=p, backend=backend), tensors, kwargs,
+                             dout)
+    torch.manual_seed(99)
+    rng = draw_rng_state(tensors["q"].device)
+    mask = dropout_keep_mask(rng, case.B, case.H, case.Lq, case.P, case.Lk, p)
+    ref_out, ref_lse, ref_grads = run_op(lambda **kw: prefix_attn_ref(**kw, dropout_p=p, dropout_mask=mask),
+                                         to64(tensors), kwargs, dout.double())
+    return rng, list(zip(["out", "lse", *tensors], [out, lse, *grads], [ref_out, ref_lse, *ref_grads]))

@@ -4,10 +4,9 @@ import torch
 
 from prefix_attn import prefix_attn_func
 from prefix_attn.dropout import draw_rng_state, dropout_keep_mask
-from prefix_attn.reference import prefix_attn_ref
 from prefix_attn.triton_launch import dropout_keep_mask_triton
 from tests.conftest import DEVICE
-from tests.helpers import Case, make_inputs, max_err, run_op, to64
+from tests.helpers import Case, dropout_run_and_reference, make_inputs, max_err, run_op
 
 BACKENDS = ["triton", "torch"]
 
@@ -69,16 +68,8 @@ def test_gradients_use_the_forward_mask(case, backend):
     """Output and every gradient equal the reference run with the mask the op drew."""
     p = 0.25
     tensors, kwargs = make_inputs(case)
-    dout = torch.randn_like(tensors["q"])
-    torch.manual_seed(99)
-    out, lse, grads = run_op(lambda **kw: prefix_attn_func(**kw, dropout_p=p, backend=backend), tensors, kwargs,
-                             dout)
-    torch.manual_seed(99)
-    rng = draw_rng_state(tensors["q"].device)
-    mask = dropout_keep_mask(rng, case.B, case.H, case.Lq, case.P, case.Lk, p)
-    ref_out, ref_lse, ref_grads = run_op(lambda **kw: prefix_attn_ref(**kw, dropout_p=p, dropout_mask=mask),
-                                         to64(tensors), kwargs, dout.double())
-    for name, a, b in zip(["out", "lse", *tensors], [out, lse, *grads], [ref_out, ref_lse, *ref_grads]):
+    _, pairs = dropout_run_and_reference(case, tensors, kwargs, p, backend)
+    for name, a, b in pairs:
         assert max_err(a, b) < 5e-5, name
 
 

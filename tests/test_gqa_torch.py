@@ -5,10 +5,11 @@ the dropout mask drawn per QUERY head as the Triton kernels draw it, and no expa
 import pytest
 import torch
 
-from prefix_attn import prefix_attn_func, torch_backend
+from prefix_attn import prefix_attn_func
 from prefix_attn.dropout import draw_rng_state, dropout_keep_mask
 from prefix_attn.reference import prefix_attn_ref
-from tests.helpers import Case, ShapeLog, check_against_reference, make_inputs, max_err, run_op, to64
+from tests.helpers import (Case, PathSpy, ShapeLog, check_against_reference, dropout_run_and_reference, make_inputs,
+                           max_err, to64)
 
 H = 4
 KV_HEADS = [1, H // 2]  # G = 4 and G = 2
@@ -36,20 +37,6 @@ def make_grouped_inputs(case: Case, kv_heads: int, dtype=torch.float32):
     # detach() keeps the strides: strided leaves, as GPT-2 hands over views.
     leaves = {name: x.detach().requires_grad_(True) for name, x in tensors.items()}
     return leaves, kwargs
-
-
-class PathSpy:
-    def __init__(self, monkeypatch):
-        self.fused = []
-        for name in ("_forward_fused_cpu", "_backward_fused_cpu"):
-            real = getattr(torch_backend, name)
-            monkeypatch.setattr(torch_backend, name, self._wrap(name, real))
-
-    def _wrap(self, name, real):
-        def spy(*args, **kwargs):
-            self.fused.append(name)
-            return real(*args, **kwargs)
-        return spy
 
 
 @pytest.mark.parametrize("kv_heads", KV_HEADS)
@@ -87,23 +74,15 @@ def test_dropout_mask_is_drawn_per_query_head(case, kv_heads):
     (B, H, Lq, P + Lk): the bits the Triton kernels draw for (b, h, i, key)."""
     p = 0.25
     tensors, kwargs = make_grouped_inputs(case, kv_heads)
-    dout = torch.randn_like(tensors["q"])
-    torch.manual_seed(99)
-    out, lse, grads = run_op(lambda **kw: prefix_attn_func(**kw, dropout_p=p, backend="torch"), tensors, kwargs,
-                             dout)
-    torch.manual_seed(99)
-    rng = draw_rng_state(tensors["q"].device)
-    mask = dropout_keep_mask(rng, case.B, case.H, case.Lq, case.P, case.Lk, p)
-    ref_out, ref_lse, ref_grads = run_op(lambda **kw: prefix_attn_ref(**kw, dropout_p=p, dropout_mask=mask),
-                                         to64(tensors), kwargs, dout.double())
-    for name, a, b in zip(["out", "lse", *tensors], [out, lse, *grads], [ref_out, ref_lse, *ref_grads]):
+    rng, pairs = dropout_run_and_reference(case, tensors, kwargs, p, "torch")
+    for name, a, b in pairs:
         assert a.shape == b.shape, name
         assert max_err(a, b) < 5e-5, name
     # The mask really matters here: another mask (the one of the KV heads' indexing) gives another output.
     other = dropout_keep_mask(rng, case.B, case.H, case.Lq, case.P, case.Lk, p)[:, torch.arange(case.H) // (case.H // kv_heads)]
     if kv_heads < case.H:
         wrong = prefix_attn_ref(**to64(tensors), **kwargs, dropout_p=p, dropout_mask=other)
-        assert max_err(out, wrong) > 1e-3
+        assert max_err(pairs[0][1], wrong) > 1e-3  # pairs[0]: the op's out
 
 
 def test_dropout_mask_equals_the_triton_kernels_mask():

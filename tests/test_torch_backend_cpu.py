@@ -7,22 +7,8 @@ concatenation, the path the op replaces."""
 import pytest
 import torch
 
-from prefix_attn import prefix_attn_func, torch_backend
-from tests.helpers import Case, check_against_reference, make_inputs
-
-
-class PathSpy:
-    def __init__(self, monkeypatch):
-        self.fused = []
-        for name in ("_forward_fused_cpu", "_backward_fused_cpu"):
-            real = getattr(torch_backend, name)
-            monkeypatch.setattr(torch_backend, name, self._wrap(name, real))
-
-    def _wrap(self, name, real):
-        def spy(*args, **kwargs):
-            self.fused.append(name)
-            return real(*args, **kwargs)
-        return spy
+from prefix_attn import prefix_attn_func
+from tests.helpers import Case, PathSpy, check_against_reference, make_inputs
 
 
 @pytest.mark.parametrize("case", [Case(P=10, mask="left", B=3), Case(P=9, T=3, B=4, prefix_lens=True),
