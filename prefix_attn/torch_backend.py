@@ -14,16 +14,20 @@ Scores, the dropout mask, lse and delta stay per query head (B, H, c, .).
 Two paths:
 - CPU tensors without dropout (inference, and training without attention dropout): the sequence's
   own keys go through PyTorch's fused CPU attention kernel (``_scaled_dot_product_flash_attention_
-  for_cpu``: tiled online softmax, no Lq x Lk score matrix), the P prefix slots are computed
-  explicitly in query chunks, and the two are merged by log-sum-exp. Its backward gets the merged
-  output and lse, from which the fused kernel's recomputed probabilities and row sums are exactly
-  those of the whole softmax over [prefix; keys].
+  for_cpu``: tiled online softmax, no Lq x Lk score matrix), and so do each task's visible prefix
+  slots, read as a (Hkv, P, D) block with batch stride 0 (never expanded); the parts are merged by
+  log-sum-exp. Its backward gets the merged output and lse, from which the fused kernel's recomputed
+  probabilities and row sums are exactly those of the whole softmax over [prefix; keys]; the prefix
+  part's gradient comes back per batch row (what SDPA over the concatenation also holds, as part of
+  its dK and dV) and is summed in fp32. Few, large ops: at small shapes a call's cost is its count of
+  dispatched ops.
 - Otherwise (dropout, whose mask must be the kernels' Philox mask bit for bit; CUDA tensors; an
   lse gradient; double backward), scores of [prefix; keys] are materialised for query chunks that
   stay within ``CHUNK_ELEMENTS``. On CPU the forward keeps each chunk's dropout keep-mask bit-packed
   for the backward (``_SAVED_KEEP``: 1/32 of a chunk's fp32 scores, freed with the graph) instead of
   drawing it twice; Philox in NumPy is the largest single cost of this path at training shapes.
 """
+import functools
 import math
 import weakref
 from typing import Optional
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 
 from prefix_attn.args import AttnArgs
-from prefix_attn.checks import AttnDims, default_scale
+from prefix_attn.checks import FLOAT32_MAX, AttnDims, default_scale
 from prefix_attn.dropout import keep_mask_grid, keep_scale
 
 # fp32 score elements per query chunk (64 MiB per score-sized buffer).
@@ -169,34 +173,26 @@ def _reduce_prefix_grad(a, b, dims: AttnDims):
 
 def _probs(qc, kf, prefix: Optional[_Prefix], key_ok, causal, scale, dims: AttnDims, rows: slice, lse=None):
     """Scores of the query chunk against [prefix; keys] -> (p (B, H, c, P + Lk), lse (B, H, c))."""
-    B, H = dims.batch, dims.heads
-    c = rows.stop - rows.start
     s_seq = _gemm_kv(qc, kf.transpose(-1, -2), dims).mul_(scale)
-    # Masks built with as few ops as possible (each costs microseconds of dispatch at training shapes):
-    # key j is visible to query row rows.start + r iff j <= rows.start + r + Lk - Lq, a lower triangle.
-    hidden = None
-    if causal:
-        hidden = torch.ones((c, dims.seqlen_k), dtype=torch.bool, device=qc.device).triu_(
-            rows.start + dims.seqlen_k - dims.seqlen_q + 1)
+    # Masks built with as few ops as possible (each costs microseconds of dispatch at training shapes).
+    hidden = _causal_hidden(rows.start, rows.stop, dims.seqlen_q, dims.seqlen_k, qc.device) if causal else None
     if key_ok is not None:
         padding = ~key_ok[:, None, None, :]
         hidden = padding if hidden is None else hidden | padding
     if hidden is not None:
         s_seq.masked_fill_(hidden, float("-inf"))
-    if prefix is not None:
-        s_pre = prefix.apply(qc, lambda x, t: _gemm_prefix(x, prefix.k[t], dims, transpose=True),
-                             (B, H, c, prefix.P)).mul_(scale)
-        if prefix.slot_ok is not None:
-            s_pre.masked_fill_(~prefix.slot_ok[:, None, None, :], float("-inf"))
-        s = torch.cat([s_pre, s_seq], dim=-1)
-    else:
-        s = s_seq
+    s = torch.cat([_prefix_scores(qc, prefix, scale, dims), s_seq], dim=-1) if prefix is not None else s_seq
     if lse is None:
         lse = torch.logsumexp(s, dim=-1)
-    # A row that sees nothing has lse -inf: subtract 0 instead, every p is exp(-inf) = 0. (s is a fresh
-    # buffer here: cat's, or s_seq's own, which nothing else holds.)
-    lse_safe = torch.where(torch.isneginf(lse), 0.0, lse)
-    return s.sub_(lse_safe[..., None]).exp_(), lse
+    # s is a fresh buffer here: cat's, or s_seq's own, which nothing else holds.
+    return s.sub_(_finite_lse(lse)[..., None]).exp_(), lse
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_hidden(start: int, stop: int, seqlen_q: int, seqlen_k: int, device: torch.device) -> torch.Tensor:
+    """(stop - start, Lk) bool, read-only: key j hidden from query row i (start <= i < stop) iff
+    j > i + Lk - Lq, an upper triangle. Cached: every layer call of a step asks for the same one."""
+    return torch.ones((stop - start, seqlen_k), dtype=torch.bool, device=device).triu_(start + seqlen_k - seqlen_q + 1)
 
 
 # ---- CPU: the fused kernel for the own keys, the prefix slots explicitly ---------------------------------
@@ -206,25 +202,30 @@ def _use_fused_cpu_kernel(q, dims: AttnDims, dropout_p: float) -> bool:
     return q.device.type == "cpu" and dropout_p == 0.0 and q.numel() > 0 and dims.seqlen_k > 0
 
 
+@functools.lru_cache(maxsize=16)
+def _bottom_right_causal(seqlen_q: int, seqlen_k: int) -> torch.Tensor:
+    """(1, 1, Lq, Lk) bool: key j visible to query i iff j <= i + Lk - Lq (cached: a decode or training
+    loop asks for the same few shapes once per layer call; CPU only, read-only)."""
+    qpos = torch.arange(seqlen_q) + (seqlen_k - seqlen_q)
+    return (torch.arange(seqlen_k)[None, :] <= qpos[:, None])[None, None]
+
+
 def _own_key_mask(key_ok, causal: bool, dims: AttnDims, dtype):
     """(is_causal, additive mask or None, (B or 1, 1, Lq) rows that see at least one own key, or None for all).
 
     The fused kernel's is_causal is top-left aligned, which is ours (bottom-right) when Lq == Lk; with
-    Lq < Lk the causal part goes into the mask. Its mask must have q's dtype.
+    Lq < Lk the causal part goes into the mask, unless one query row sees every key (Lq = 1, decoding).
+    Its mask must have q's dtype.
     """
     Lq, Lk = dims.seqlen_q, dims.seqlen_k
-    device = key_ok.device if key_ok is not None else None
     top_left = causal and Lq == Lk
-    visible = None
-    if causal and not top_left:
-        qpos = torch.arange(Lq, device=device) + (Lk - Lq)
-        visible = (torch.arange(Lk, device=device)[None, :] <= qpos[:, None])[None, None]  # (1, 1, Lq, Lk)
+    visible = _bottom_right_causal(Lq, Lk) if causal and not top_left and Lq > 1 else None
     if key_ok is not None:
         padding = key_ok[:, None, None, :]  # (B, 1, 1, Lk)
         visible = padding if visible is None else visible & padding
     if visible is None:
         return top_left, None, None
-    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    mask = torch.where(visible, 0.0, float("-inf")).to(dtype)
     if key_ok is None:
         return top_left, mask, None  # bottom-right causal alone leaves every query its own key
     # A row sees an own key iff an unmasked key lies at or before its causal limit.
@@ -232,115 +233,152 @@ def _own_key_mask(key_ok, causal: bool, dims: AttnDims, dtype):
     return top_left, mask, seen[:, Lk - Lq:][:, None, :]  # (B, 1, Lq)
 
 
-def _prefix_rows(dims: AttnDims) -> int:
-    # Query rows per chunk of the prefix part: its (rows x P) score tiles stay far below the expanded
-    # prefix's K and V (P x 2D per (batch, head)) that the concatenation builds.
-    return max(16, min(dims.head_dim // 2, 2 * dims.prefix_len))
-
-
-def _heads_major(x, rows: slice, batch_rows, dims: AttnDims):
-    """The (B, H, L, X) chunk x[batch_rows, :, rows] as (Hkv, n * G * c, X), one GEMM batch per KV head
-    (rows ordered (n, g, c)): a copy, or a view of x when the layout allows (read it, never write to it)."""
-    chunk = x[:, :, rows] if batch_rows is None else x[batch_rows][:, :, rows]
-    chunk = chunk.unflatten(1, (dims.kv_heads, dims.group_size))  # (n, Hkv, G, c, X)
-    return chunk.transpose(0, 1).reshape(dims.kv_heads, -1, chunk.shape[-1])
-
-
-def _write_heads_major(dst, rows: slice, batch_rows, y, dims: AttnDims, accumulate=False):
-    """dst[batch_rows, :, rows] = y (or += y), y an (Hkv, n * G * c, X) tile laid out as _heads_major makes it."""
-    X = y.shape[-1]
-    y = y.view(dims.kv_heads, -1, dims.group_size, rows.stop - rows.start, X).transpose(0, 1)  # (n, Hkv, G, c, X)
-    if batch_rows is None:
-        target = dst[:, :, rows].unflatten(1, (dims.kv_heads, dims.group_size))
-        target.add_(y) if accumulate else target.copy_(y)
-        return
-    # A task's batch rows are distinct, so index_put (with accumulate or not) is exact.
-    index = (batch_rows[:, None], torch.arange(rows.start, rows.stop, device=dst.device)[None, :])
-    dst.transpose(1, 2).unflatten(2, (dims.kv_heads, dims.group_size)).index_put_(
-        index, y.permute(0, 3, 1, 2, 4), accumulate=accumulate)
-
-
-def _task_prefix_scores(qh, prefix: _Prefix, task: int, scale):
-    """Scores (Hkv, n, P) of an (Hkv, n, D) heads-major query tile against its task's prefix slots; slots
-    past the task's prefix_lens at -inf."""
-    s_pre = torch.matmul(qh, prefix.k[task].transpose(-1, -2)).mul_(scale)
-    if prefix.task_slot_ok is not None:
-        s_pre.masked_fill_(~prefix.task_slot_ok[task], float("-inf"))
+def _prefix_scores(x, prefix: _Prefix, scale, dims: AttnDims):
+    """Scores (B, H, c, P) of query rows x (B, H, c, D) against each row's task prefix; slots past a task's
+    prefix_lens at -inf."""
+    s_pre = prefix.apply(x, lambda rows, t: _gemm_prefix(rows, prefix.k[t], dims, transpose=True),
+                         x.shape[:-1] + (prefix.P,)).mul_(scale)
+    if prefix.slot_ok is not None:
+        s_pre.masked_fill_(~prefix.slot_ok[:, None, None, :], float("-inf"))
     return s_pre
 
 
-def _forward_fused_cpu(q, k, v, prefix: Optional[_Prefix], key_ok, causal, scale, dims: AttnDims):
+def _prefix_times(x, prefix_kv, prefix: _Prefix, dims: AttnDims, transpose: bool, width: int):
+    """x (B, H, c, X) times each row's task block of prefix_kv (T, Hkv, P, D) (transposed: (.., D, P))
+    -> (B, H, c, width)."""
+    return prefix.apply(x, lambda rows, t: _gemm_prefix(rows, prefix_kv[t], dims, transpose=transpose),
+                        x.shape[:-1] + (width,))
+
+
+def _finite_lse(lse):
+    """lse with -inf (a row that sees nothing) raised to the lowest float: exp(s - it) is still 0 for every
+    score of such a row (all -inf), where subtracting -inf itself would give NaN. NaN stays NaN."""
+    return lse.clamp_min(-FLOAT32_MAX)
+
+
+def _prefix_parts(prefix_idx, prefix_lens, dims: AttnDims) -> list:
+    """The fused path's prefix work: (task, its batch rows as an int64 tensor or None for every row, visible
+    slots) per task in use that has a visible slot. CPU tensors, read on the host through NumPy (no device
+    to wait for, no dispatched op)."""
+    if not dims.has_prefix:
+        return []
+    lens = prefix_lens.numpy() if prefix_lens is not None else None
+    if not dims.is_bank:
+        n_slots = dims.prefix_len if lens is None else int(lens[0])
+        return [(0, None, n_slots)] if n_slots > 0 else []
+    idx = prefix_idx.numpy()
+    tasks = np.unique(idx)
+    if len(tasks) == 1:
+        n_slots = dims.prefix_len if lens is None else int(lens[tasks[0]])
+        return [(int(tasks[0]), None, n_slots)] if n_slots > 0 else []
+    parts = []
+    for task in tasks.tolist():
+        n_slots = dims.prefix_len if lens is None else int(lens[task])
+        if n_slots > 0:
+            parts.append((task, torch.from_numpy(np.flatnonzero(idx == task)), n_slots))
+    return parts
+
+
+def _prefix_block(prefix_x, task: int, n_slots: int, n_rows: int, dims: AttnDims):
+    """A task's first n_slots prefix keys (or values) as the fused kernel's (n_rows, Hkv, n_slots, D) input: a
+    view with batch stride 0 (the kernel reads the same block for every row; nothing is expanded)."""
+    stride_p, stride_h, stride_d = prefix_x.stride()[-3:]
+    offset = prefix_x.storage_offset() + (task * prefix_x.stride(0) if dims.is_bank else 0)
+    return prefix_x.as_strided((n_rows, dims.kv_heads, n_slots, dims.head_dim), (0, stride_h, stride_p, stride_d), offset)
+
+
+def _flash_cpu(q, k, v, is_causal, mask, scale):
+    """PyTorch's fused CPU attention on (B, heads, L, D) views: (out (B, H, Lq, D) in (B, Lq, H, D) memory,
+    lse (B, H, Lq), 0 for a row that sees nothing)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+
+
+def _forward_fused_cpu(q, k, v, prefix_k, prefix_v, parts, key_ok, causal, scale, dims: AttnDims):
+    """The own keys and each task's visible prefix slots through the fused kernel, merged by log-sum-exp."""
     is_causal, mask, own_seen = _own_key_mask(key_ok, causal, dims, q.dtype)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, attn_mask=mask, scale=scale)
-    # The kernel's lse is laid out (B, Lq, H); the op promises a contiguous (B, H, Lq) (its fake says so).
-    lse = lse.contiguous()
-    if own_seen is not None:  # the kernel reports lse 0 for a row that sees nothing
+    qt = q.transpose(1, 2)
+    out, lse = _flash_cpu(qt, k.transpose(1, 2), v.transpose(1, 2), is_causal, mask, scale)
+    if own_seen is not None:
         lse.masked_fill_(~own_seen, float("-inf"))
-    if prefix is not None:
-        # Merged in fp32 into the kernel's output ((B, L, H, D) memory seen as (B, H, L, D)).
-        out = out.float()
-        qf = q.float().transpose(1, 2)
-        step = _prefix_rows(dims)
-        for start in range(0, dims.seqlen_q, step):
-            rows = slice(start, min(start + step, dims.seqlen_q))
-            for task, batch_rows in prefix.groups:
-                lse_own = _heads_major(lse[..., None], rows, batch_rows, dims)[..., 0]  # (Hkv, n)
-                s_pre = _task_prefix_scores(_heads_major(qf, rows, batch_rows, dims), prefix, task, scale)
-                lse_all = torch.logaddexp(lse_own, torch.logsumexp(s_pre, dim=-1))
-                safe = torch.where(torch.isneginf(lse_all), 0.0, lse_all)
-                o_pre = torch.matmul(s_pre.sub_(safe[..., None]).exp_(), prefix.v[task])  # (Hkv, n, D)
-                merged = o_pre.addcmul_(_heads_major(out, rows, batch_rows, dims), torch.exp(lse_own - safe)[..., None])
-                _write_heads_major(out, rows, batch_rows, merged, dims)
-                _write_heads_major(lse[..., None], rows, batch_rows, lse_all[..., None], dims)
-    # Contiguous (B, Lq, H, D), as the custom op's fake promises (a copy only if the kernel's layout differs).
-    return out.transpose(1, 2).contiguous().to(q.dtype), lse
+    for task, rows, n_slots in parts:
+        n_rows = dims.batch if rows is None else len(rows)
+        o_pre, lse_pre = _flash_cpu(qt if rows is None else qt[rows], _prefix_block(prefix_k, task, n_slots, n_rows, dims),
+                                    _prefix_block(prefix_v, task, n_slots, n_rows, dims), False, None, scale)
+        if rows is None:
+            out, lse = _merge(out, lse, o_pre, lse_pre)
+        else:
+            out[rows], lse[rows] = _merge(out[rows], lse[rows], o_pre, lse_pre)
+    # Contiguous (B, Lq, H, D) and (B, H, Lq), as the custom op's fake promises (out already is: the kernel's
+    # (B, Lq, H, D) memory).
+    return out.transpose(1, 2).contiguous().to(q.dtype), lse.contiguous()
 
 
-def _backward_fused_cpu(dout, q, k, v, out, lse, prefix: Optional[_Prefix], key_ok, causal, scale, dims: AttnDims):
-    """Gradients from the merged out and lse (no lse gradient): for the own keys the fused kernel's
-    backward, given the whole softmax's lse and output, recomputes p = exp(s - lse) and
-    delta = rowsum(dout * out) of the softmax over [prefix; keys]; the prefix slots explicitly."""
+def _merge(own_out, own_lse, o_pre, lse_pre):
+    """(out, lse) of the softmax over [prefix; own keys] from its two parts' (out, lse): out is the parts' mix
+    with weight sigmoid(own_lse - lse_pre) = exp(own_lse - lse) on the own part (0 for a row that sees no
+    own key: lse -inf), computed in fp32 and in place in o_pre (a copy for half-precision inputs). Every
+    row of a part sees a prefix slot, so lse_pre and the merged lse are finite."""
+    own_weight = torch.sigmoid(own_lse - lse_pre)[..., None]
+    return o_pre.float().lerp_(own_out.float(), own_weight).to(own_out.dtype), torch.logaddexp(own_lse, lse_pre)
+
+
+def _backward_fused_cpu(dout, q, k, v, out, lse, prefix_k, prefix_v, parts, key_ok, causal, scale, dims: AttnDims):
+    """Gradients from the merged out and lse (no lse gradient): the fused kernel's backward, given the whole
+    softmax's lse and output, recomputes p = exp(s - lse) and delta = rowsum(dout * out) of the softmax over
+    [prefix; keys]; so it runs once on the own keys and once per prefix part, and the parts' gradients add
+    up. A part's prefix gradient comes back per batch row and is summed over its rows in fp32."""
     is_causal, mask, _ = _own_key_mask(key_ok, causal, dims, q.dtype)
-    safe = torch.where(torch.isneginf(lse), 0.0, lse)  # a row that sees nothing: every p is 0
+    safe = _finite_lse(lse)
+    qt, dot, ot = (x.to(q.dtype).transpose(1, 2) for x in (q, dout, out))
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout.to(q.dtype).transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        out.to(q.dtype).transpose(1, 2), safe, 0.0, is_causal, attn_mask=mask, scale=scale)
+        dot, qt, k.transpose(1, 2), v.transpose(1, 2), ot, safe, 0.0, is_causal, attn_mask=mask, scale=scale)
     dpk = dpv = None
-    if prefix is not None:
-        qf, dof, of = (x.float().transpose(1, 2) for x in (q, dout, out))
-        dq = dq.float()
-        dpk = torch.zeros_like(prefix.k)
-        dpv = torch.zeros_like(prefix.v)
-        step = _prefix_rows(dims)
-        for start in range(0, dims.seqlen_q, step):
-            rows = slice(start, min(start + step, dims.seqlen_q))
-            for task, batch_rows in prefix.groups:
-                qh, doh = _heads_major(qf, rows, batch_rows, dims), _heads_major(dof, rows, batch_rows, dims)
-                delta = (doh * _heads_major(of, rows, batch_rows, dims)).sum(-1)  # (Hkv, n)
-                lse_h = _heads_major(safe[..., None], rows, batch_rows, dims)[..., 0]
-                p_pre = _task_prefix_scores(qh, prefix, task, scale).sub_(lse_h[..., None]).exp_()
-                ds_pre = torch.matmul(doh, prefix.v[task].transpose(-1, -2)).sub_(delta[..., None]).mul_(p_pre)
-                _write_heads_major(dq, rows, batch_rows, torch.matmul(ds_pre, prefix.k[task]).mul_(scale),
-                                   dims, accumulate=True)
-                # (Hkv, P, D): the GEMM over the group's rows sums its query heads.
-                dpk[task].baddbmm_(ds_pre.transpose(-1, -2), qh)
-                dpv[task].baddbmm_(p_pre.transpose(-1, -2), doh)
+    if prefix_k is not None:
+        dpk = torch.zeros(prefix_k.shape, dtype=torch.float32)
+        dpv = torch.zeros(prefix_v.shape, dtype=torch.float32)
+        for task, rows, n_slots in parts:
+            n_rows = dims.batch if rows is None else len(rows)
+            rows_of = (lambda x: x) if rows is None else (lambda x: x[rows])
+            dq_pre, dpk_rows, dpv_rows = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                rows_of(dot), rows_of(qt), _prefix_block(prefix_k, task, n_slots, n_rows, dims),
+                _prefix_block(prefix_v, task, n_slots, n_rows, dims), rows_of(ot), rows_of(safe), 0.0, False, scale=scale)
+            dq.add_(dq_pre) if rows is None else dq.index_add_(0, rows, dq_pre)
+            # (n_rows, Hkv, n_slots, D) -> the task's (n_slots, Hkv, D) slots.
+            for grad, grad_rows in ((dpk, dpk_rows), (dpv, dpv_rows)):
+                (grad[task] if dims.is_bank else grad)[:n_slots].add_(grad_rows.sum(0, dtype=torch.float32).transpose(0, 1))
+        dpk, dpv = dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dpk, dpv
+
+
+def _accumulate(total, x):
+    """A sum over query tiles, started by the first."""
+    return x if total is None else total.add_(x)
 
 
 def _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims):
     prefix = _Prefix(prefix_k, prefix_v, prefix_idx, prefix_lens, dims, q.device) if dims.has_prefix else None
-    key_ok = attention_mask != 0 if attention_mask is not None else None
-    return prefix, key_ok
+    return prefix, _visible_keys(attention_mask)
+
+
+def _visible_keys(attention_mask):
+    """(B, Lk) bool of the keys the mask lets through, or None when it lets every key through. A plain CPU
+    mask is read on the host (through NumPy: no device to wait for, no dispatched op); a mask of ones
+    then costs no masking at all, which at small shapes is a large part of a call."""
+    if attention_mask is None:
+        return None
+    if type(attention_mask) is torch.Tensor and attention_mask.device.type == "cpu" and attention_mask.numpy().all():
+        return None
+    return attention_mask != 0
 
 
 def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state):
     prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims = args
-    prefix, key_ok = _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims)
     scale = default_scale(dims.head_dim, softmax_scale)
     if _use_fused_cpu_kernel(q, dims, dropout_p):
-        return _forward_fused_cpu(q, k, v, prefix, key_ok, causal, scale, dims)
+        return _forward_fused_cpu(q, k, v, prefix_k, prefix_v, _prefix_parts(prefix_idx, prefix_lens, dims),
+                                  _visible_keys(attention_mask), causal, scale, dims)
+    prefix, key_ok = _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims)
     qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # (B, H, Lq, D), (B, Hkv, Lk, D)
     chunk = _chunk_rows(dims)
     one_chunk = 0 < dims.seqlen_q <= chunk  # the usual case: no (B, H, Lq, .) buffers to copy chunks into
@@ -355,8 +393,7 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state):
             p.mul_(_keep(rng_state, dropout_p, dims, rows, save=True))
         o = _gemm_kv(p[..., P:], vf, dims)
         if prefix is not None:
-            o.add_(prefix.apply(p[..., :P], lambda x, t: _gemm_prefix(x, prefix.v[t], dims, transpose=False),
-                                o.shape))
+            o.add_(_prefix_times(p[..., :P], prefix.v, prefix, dims, False, dims.head_dim))
         if one_chunk:
             out, lse = o, lse_c
         else:
@@ -367,14 +404,15 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state):
 
 def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: AttnArgs, rng_state):
     prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims = args
-    prefix, key_ok = _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims)
     scale = default_scale(dims.head_dim, softmax_scale)
     # The fused kernel's backward is not differentiable: double backward (create_graph=True) and lse
     # gradients take the explicit path.
     if _use_fused_cpu_kernel(q, dims, dropout_p) and dlse is None and not torch.is_grad_enabled():
-        dq, dk, dv, dpk, dpv = _backward_fused_cpu(dout, q, k, v, out, lse, prefix, key_ok, causal, scale, dims)
-        dq, dk, dv = (g.contiguous().to(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
-        return (dq, dk, dv, *_prefix_grads(dpk, dpv, prefix_k, prefix_v, scale))
+        dq, dk, dv, dpk, dpv = _backward_fused_cpu(
+            dout, q, k, v, out, lse, prefix_k, prefix_v, _prefix_parts(prefix_idx, prefix_lens, dims),
+            _visible_keys(attention_mask), causal, scale, dims)
+        return tuple(g.contiguous().to(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v))) + (dpk, dpv)
+    prefix, key_ok = _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims)
     qf, kf, vf, dof, of = (x.float().transpose(1, 2) for x in (q, k, v, dout, out))  # k, v: (B, Hkv, Lk, D)
     delta = (dof * of).sum(-1)
     if dlse is not None:
@@ -383,18 +421,14 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: 
     one_chunk = 0 < dims.seqlen_q <= chunk
     dq = None if one_chunk else torch.empty_like(qf)
     dk = dv = dpk = dpv = None  # sums over chunks, started by the first
-    add = lambda total, x: x if total is None else total.add_(x)  # noqa: E731
     P = dims.prefix_len
-    B, H = dims.batch, dims.heads
     for start in range(0, dims.seqlen_q, chunk):
         rows = slice(start, min(start + chunk, dims.seqlen_q))
-        c = rows.stop - rows.start
         qc, doc = qf[:, :, rows], dof[:, :, rows]
         p, _ = _probs(qc, kf, prefix, key_ok, causal, scale, dims, rows, lse=lse[:, :, rows].float())
         dp_seq = _gemm_kv(doc, vf.transpose(-1, -2), dims)
         if prefix is not None:
-            dp_pre = prefix.apply(doc, lambda x, t: _gemm_prefix(x, prefix.v[t], dims, transpose=True), (B, H, c, P))
-            dp = torch.cat([dp_pre, dp_seq], dim=-1)
+            dp = torch.cat([_prefix_times(doc, prefix.v, prefix, dims, True, P), dp_seq], dim=-1)
         else:
             dp = dp_seq
         p_kept = p
@@ -405,14 +439,13 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: 
         ds = dp.sub_(delta[:, :, rows, None]).mul_(p)
         dq_c = _gemm_kv(ds[..., P:], kf, dims)
         # dK, dV (B, Hkv, Lk, D): the GEMM over the group's G * c rows sums the group's query heads.
-        dk = add(dk, torch.matmul(_grouped(ds[..., P:], dims).transpose(-1, -2), _grouped(qc, dims)))
-        dv = add(dv, torch.matmul(_grouped(p_kept[..., P:], dims).transpose(-1, -2), _grouped(doc, dims)))
+        dk = _accumulate(dk, torch.matmul(_grouped(ds[..., P:], dims).transpose(-1, -2), _grouped(qc, dims)))
+        dv = _accumulate(dv, torch.matmul(_grouped(p_kept[..., P:], dims).transpose(-1, -2), _grouped(doc, dims)))
         if prefix is not None:
             ds_pre, pk_pre = ds[..., :P], p_kept[..., :P]
-            dq_c.add_(prefix.apply(ds_pre, lambda x, t: _gemm_prefix(x, prefix.k[t], dims, transpose=False),
-                                   dq_c.shape))
-            dpk = add(dpk, prefix.reduce(ds_pre, qc, lambda a, b: _reduce_prefix_grad(a, b, dims)))
-            dpv = add(dpv, prefix.reduce(pk_pre, doc, lambda a, b: _reduce_prefix_grad(a, b, dims)))
+            dq_c.add_(_prefix_times(ds_pre, prefix.k, prefix, dims, False, dims.head_dim))
+            dpk = _accumulate(dpk, prefix.reduce(ds_pre, qc, lambda a, b: _reduce_prefix_grad(a, b, dims)))
+            dpv = _accumulate(dpv, prefix.reduce(pk_pre, doc, lambda a, b: _reduce_prefix_grad(a, b, dims)))
         if one_chunk:
             dq = dq_c
         else:

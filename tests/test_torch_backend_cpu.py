@@ -99,3 +99,55 @@ def test_memory_is_at_most_sdpa_over_the_concatenation_at_the_quick_sweep_shapes
     run(baseline)  # its lower-right mask object is built once, outside the count
     mine, theirs = peak_memory_mb(lambda: run(ours), "cpu"), peak_memory_mb(lambda: run(baseline), "cpu")
     assert mine <= theirs, f"{mode}: torch backend peak {mine:.3f} MiB > SDPA over the concatenation {theirs:.3f} MiB"
+
+
+def _bank_case_with_every_kind_of_task():
+    """A bank of 4 tasks: task 0 with every slot, task 1 with none (prefix_lens 0), task 2 with some, task 3
+    unused; row 2 (task 1) has every key masked, so it sees nothing at all."""
+    g = torch.Generator().manual_seed(3)
+    B, Lq, Lk, H, Hkv, D, T, P = 5, 6, 9, 4, 2, 16, 4, 5
+    tensors = {"q": torch.randn(B, Lq, H, D, generator=g), "k": torch.randn(B, Lk, Hkv, D, generator=g),
+               "v": torch.randn(B, Lk, Hkv, D, generator=g), "prefix_k": torch.randn(T, P, Hkv, D, generator=g),
+               "prefix_v": torch.randn(T, P, Hkv, D, generator=g)}
+    tensors = {name: t.requires_grad_(True) for name, t in tensors.items()}
+    mask = torch.ones(B, Lk, dtype=torch.bool)
+    mask[2] = False
+    mask[3, :4] = False
+    kwargs = {"prefix_idx": torch.tensor([0, 2, 1, 2, 0]), "prefix_lens": torch.tensor([P, 0, 3, P]),
+              "attention_mask": mask, "causal": True}
+    return tensors, kwargs
+
+
+def test_fused_path_merges_each_task_of_a_bank_over_its_own_rows(monkeypatch):
+    """The fused path runs the kernel once on the own keys and once per task with a visible slot (rows of
+    that task only, slots up to its prefix_lens) and merges by log-sum-exp; a task without slots adds
+    nothing and a row that sees nothing gets zeros and lse -inf."""
+    spy = PathSpy(monkeypatch)
+    tensors, kwargs = _bank_case_with_every_kind_of_task()
+    out, lse, _ = check_against_reference(Case(B=5, Lq=6, Lk=9, H=4, D=16, T=4, P=5), torch.float32, "torch",
+                                          tensors_kwargs=(tensors, kwargs))
+    assert spy.fused == ["_forward_fused_cpu", "_backward_fused_cpu"]
+    assert torch.isneginf(lse[2]).all() and torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_path_in_half_precision(dtype):
+    """Half-precision inputs: the kernel computes in them, the merge in fp32."""
+    check_against_reference(Case(P=7, B=3, Lq=5, Lk=11, mask="left"), dtype, "torch")
+
+
+def test_a_mask_of_ones_is_not_applied_on_cpu(monkeypatch):
+    """A CPU attention_mask that lets every key through is read on the host and dropped (no masking
+    ops, no dispatched read: not a host sync); the result is that of no mask."""
+    from prefix_attn import torch_backend
+    from prefix_attn.host_syncs import HostSyncCounter
+
+    masks = []
+    real = torch_backend._own_key_mask
+    monkeypatch.setattr(torch_backend, "_own_key_mask", lambda key_ok, *a: masks.append(key_ok) or real(key_ok, *a))
+    tensors, kwargs = make_inputs(Case(P=4, B=2, Lq=1, Lk=7), torch.float32)
+    ones = torch.ones(2, 7, dtype=torch.long)
+    with HostSyncCounter() as syncs:
+        out = prefix_attn_func(**tensors, **kwargs, attention_mask=ones, backend="torch")
+    assert syncs.count == 0 and masks == [None]
+    assert torch.equal(out, prefix_attn_func(**tensors, **kwargs, backend="torch"))
