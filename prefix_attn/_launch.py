@@ -25,6 +25,8 @@ call through Triton's own dispatch: the same kernels and results, at Triton's ho
 """
 import operator
 import os
+from functools import reduce
+from operator import or_
 from typing import Callable
 
 import torch
@@ -116,6 +118,7 @@ class DirectLauncher:
         self._exact = {}  # exact argument key -> launch entry (level 1, bounded)
         self._layouts = {}  # argument types -> _ArgLayout
         self._layout_by_count = {}  # number of arguments -> the layout last seen with it
+        self._bound = {}  # (BoundLaunch, device, tensor dtypes) -> launch entry (bounded)
         if common.INTERPRET:  # an InterpretedFunction: every call goes through kernel[grid]
             return
         jit = kernel
@@ -132,12 +135,11 @@ class DirectLauncher:
                 specialization_key(args, self._layouts))
 
     def __call__(self, grid, args, constexprs: dict):
-        if common.INTERPRET:
+        """Launch; returns (run, function, packed_metadata, grid as 3 ints, constexpr tail) when the launch
+        went straight to the compiled kernel (what BoundLaunch keeps), None when it went through Triton."""
+        if common.INTERPRET or not DIRECT_LAUNCH or launch_hooks_set():
             self.kernel[grid](*args, **constexprs)
-            return
-        if not DIRECT_LAUNCH or launch_hooks_set():
-            self.kernel[grid](*args, **constexprs)
-            return
+            return None
         # Level 1: the exact integer values (strides, sizes), each tensor's dtype and alignment, read
         # at the positions of the last argument layout seen with this many arguments (a call site
         # passes the same types every time; any other mix misses, or fails on a non-tensor's .dtype,
@@ -166,16 +168,16 @@ class DirectLauncher:
             entry = self._kernels.get(key)
             if entry is None:
                 self._first_launch(key, grid, args, constexprs)  # launches through Triton
-                return
+                return None
             if len(self._exact) >= _MAX_EXACT_KEYS:
                 self._exact.clear()
             self._exact[exact] = entry
         run, function, packed_metadata, meta, tail = entry
         if callable(grid):
             grid = grid(meta if meta is not None else dict(zip(self.arg_names, args), **constexprs))
-        stream = active.get_current_stream(device)
-        run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, function,
-            packed_metadata, None, None, None, *args, *tail)
+        grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        run(*grid, active.get_current_stream(device), function, packed_metadata, None, None, None, *args, *tail)
+        return run, function, packed_metadata, grid, tail
 
     def config_for(self, args, constexprs: dict):
         """The autotuning config a launch with these arguments runs (None for a plain jit kernel)."""
@@ -214,6 +216,51 @@ class DirectLauncher:
         self._kernels.clear()
         self._exact.clear()
         self._layout_by_count.clear()
+        self._bound.clear()
+
+
+_DTYPE = operator.attrgetter("dtype")
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+class BoundLaunch:
+    """One kind of launch with its integer arguments, constexprs and grid fixed (a launch plan's): a call
+    passes only its tensors, ``bound(*tensors)``, and the non-tensor arguments follow them.
+
+    A repeated call costs a key of the device and the tensors' dtypes, and a check that every tensor is
+    16-byte aligned (then Triton's alignment specialisation is the same as at the first call); the
+    compiled kernel and grid are kept in the kernel's DirectLauncher (``clear`` forgets them too).
+    Anything else (a misaligned tensor, the interpreter, a launch hook, the first call of a key) goes
+    through the DirectLauncher's own path.
+    """
+
+    __slots__ = ("launcher", "grid", "ints", "constexprs")
+
+    def __init__(self, kernel, grid, ints: tuple, constexprs: dict):
+        self.launcher = launcher(kernel)
+        self.grid = grid
+        self.ints = tuple(ints)
+        self.constexprs = constexprs
+
+    def __call__(self, *tensors):
+        if common.INTERPRET or not DIRECT_LAUNCH or launch_hooks_set() or reduce(or_, map(_DATA_PTR, tensors)) & 15:
+            self.launcher(self.grid, tensors + self.ints, self.constexprs)
+            return
+        active = driver.active
+        device = active.get_current_device()
+        bound = self.launcher._bound
+        key = (self, device, tuple(map(_DTYPE, tensors)))
+        entry = bound.get(key)
+        if entry is None:
+            entry = self.launcher(self.grid, tensors + self.ints, self.constexprs)
+            if entry is not None:
+                if len(bound) >= _MAX_EXACT_KEYS:
+                    bound.clear()
+                bound[key] = entry
+            return
+        run, function, packed_metadata, grid, tail = entry
+        run(*grid, active.get_current_stream(device), function, packed_metadata, None, None, None, *tensors,
+            *self.ints, *tail)
 
 
 _LAUNCHERS: dict = {}

@@ -13,7 +13,7 @@ from csrc_triton.attn_fwd import prefix_attn_fwd_kernel
 from csrc_triton.common import INTERPRET, LOG2E
 from csrc_triton.decode import decode_kernel
 from csrc_triton.dropout_mask import dropout_mask_kernel
-from prefix_attn._launch import launcher
+from prefix_attn._launch import BoundLaunch, launcher
 from prefix_attn.args import AttnArgs
 from prefix_attn.checks import (
     AttnDims, check_attention_inputs, check_prefix_values, check_row_offsets_fit_int32, check_triton_device,
@@ -170,20 +170,17 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state):
     plan = _forward_plan(q, k, v, prefix_k, prefix_v, prefix_lens is not None, mask, causal, softmax_scale, dropout_p,
                          dims)
     dummy = q  # stands for absent optional tensors; never read by the kernels
-    launcher(prefix_attn_fwd_kernel)(plan.grid, (
-        q, k, v, prefix_k if dims.has_prefix else dummy, prefix_v if dims.has_prefix else dummy,
-        prefix_idx if prefix_idx is not None else dummy, prefix_lens if prefix_lens is not None else dummy,
-        mask if mask is not None else dummy, rng_state if dropout_p > 0.0 else dummy, out, lse, *plan.ints), plan.cx)
+    plan.launch(q, k, v, prefix_k if dims.has_prefix else dummy, prefix_v if dims.has_prefix else dummy,
+                prefix_idx if prefix_idx is not None else dummy, prefix_lens if prefix_lens is not None else dummy,
+                mask if mask is not None else dummy, rng_state if dropout_p > 0.0 else dummy, out, lse)
     return out, lse
 
 
 class _ForwardPlan(NamedTuple):
-    """The integer and float arguments, constexprs and grid of a forward launch: they depend only on
-    shapes, strides and options, so they are built once per kind of call (``_forward_plan``)."""
+    """The forward launch with its integer and float arguments, constexprs and grid bound: they depend
+    only on shapes, strides and options, so they are built once per kind of call (``_forward_plan``)."""
 
-    ints: tuple
-    cx: dict
-    grid: object
+    launch: BoundLaunch
 
 
 # (kind of call) -> _ForwardPlan; see _forward_plan.
@@ -214,7 +211,7 @@ def _forward_plan(q, k, v, prefix_k, prefix_v, has_lens: bool, mask, causal, sof
 
         if len(_FORWARD_PLANS) >= _MAX_FORWARD_PLANS:
             _FORWARD_PLANS.clear()
-        plan = _FORWARD_PLANS[key] = _ForwardPlan(ints, cx, grid)
+        plan = _FORWARD_PLANS[key] = _ForwardPlan(BoundLaunch(prefix_attn_fwd_kernel, grid, ints, cx))
     return plan
 
 
@@ -461,8 +458,7 @@ class _BackwardPlan:
     Grouped heads: sequence and prefix programs are per KV head and sum their group's query heads.
     """
 
-    __slots__ = ("grad_shapes", "scratch_numel", "pre_grid", "pre_ints", "pre_cx", "grid", "ints", "cx",
-                 "prefix_split")
+    __slots__ = ("grad_shapes", "scratch_numel", "preprocess", "main", "prefix_split")
 
     def __init__(self, q, k, v, dout, out, dlse, prefix_k, prefix_v, mask, causal, softmax_scale, dropout_p,
                  has_lens, rng_state, dims: AttnDims, items_per_piece):
@@ -493,22 +489,22 @@ class _BackwardPlan:
         ws_size = n_pieces * Hkv * p_pad * D
         self.scratch_numel = 2 * n_rows + 2 * ws_size + n_counters  # int32 counters: one fp32 slot each
         dlse_strides = tuple(dlse.stride()) if dlse is not None else (0, 0, 0)
-        self.pre_grid = (_cdiv(Lq, PREPROCESS_BLOCK_M), B * H)
-        self.pre_ints = (*out.stride(), *dout.stride(), *dlse_strides, H, Lq, n_rows, ws_size, n_counters)
-        self.pre_cx = dict(HEAD_DIM=D, BLOCK_D=cx["BLOCK_D"], BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None)
+        self.preprocess = BoundLaunch(
+            bwd_preprocess_kernel, (_cdiv(Lq, PREPROCESS_BLOCK_M), B * H),
+            (*out.stride(), *dout.stride(), *dlse_strides, H, Lq, n_rows, ws_size, n_counters),
+            dict(HEAD_DIM=D, BLOCK_D=cx["BLOCK_D"], BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None))
         dq_strides = (Lq * H * D, H * D, D, 1)  # the grads are fresh contiguous tensors
         dk_strides = (Lk * k.shape[2] * D, k.shape[2] * D, D, 1)
-        self.ints = (*strides, *dout.stride(), *dq_strides, *dk_strides, *dk_strides, *mask_strides, *sizes,
-                     scale * LOG2E, scale, keep_scale(dropout_p),
-                     B, n_rows, ws_size, p_pad, n_pblocks, n_qblocks, ipp, n_items, n_pieces, *tune)
-        self.cx = dict(cx, BLOCK_MP=PREFIX_GRAD_BLOCK_M)
+        ints = (*strides, *dout.stride(), *dq_strides, *dk_strides, *dk_strides, *mask_strides, *sizes,
+                scale * LOG2E, scale, keep_scale(dropout_p),
+                B, n_rows, ws_size, p_pad, n_pblocks, n_qblocks, ipp, n_items, n_pieces, *tune)
         n_prefix_programs = n_pieces * n_pblocks * Hkv
         n_bh = B * Hkv  # sequence programs per block index: one per (sequence, KV head)
 
         def grid(meta):
             return (max(_cdiv(Lk, meta["BLOCK_N1"]), _cdiv(Lq, meta["BLOCK_M2"])) * n_bh + n_prefix_programs,)
 
-        self.grid = grid
+        self.main = BoundLaunch(bwd_kernel, grid, ints, dict(cx, BLOCK_MP=PREFIX_GRAD_BLOCK_M))
 
 
 # (kind of call) -> _BackwardPlan; see _backward_plan.
@@ -569,8 +565,7 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: 
         return dq, dk, dv, dpk, dpv
 
     scratch = torch.empty(plan.scratch_numel, dtype=torch.float32, device=device)
-    launcher(bwd_preprocess_kernel)(plan.pre_grid, (
-        out, dout, lse, dlse if dlse is not None else lse, scratch, *plan.pre_ints), plan.pre_cx)
+    plan.preprocess(out, dout, lse, dlse if dlse is not None else lse, scratch)
     if p_shape is not None:
         tables = None
         if dims.is_bank:
@@ -581,11 +576,10 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: 
         tables = (q,) * 4
         dpk = dpv = q  # never written: no prefix programs
     dummy = q  # stands for absent optional tensors; never read by the kernels
-    launcher(bwd_kernel)(plan.grid, (
-        q, k, v, prefix_k if prefix_k is not None else dummy, prefix_v if prefix_v is not None else dummy,
-        prefix_idx if prefix_idx is not None else dummy, prefix_lens if prefix_lens is not None else dummy,
-        mask if mask is not None else dummy, rng_state if dropout_p > 0.0 else dummy,
-        dout, scratch, dq, dk, dv, *tables, dpk, dpv, *plan.ints), plan.cx)
+    plan.main(q, k, v, prefix_k if prefix_k is not None else dummy, prefix_v if prefix_v is not None else dummy,
+              prefix_idx if prefix_idx is not None else dummy, prefix_lens if prefix_lens is not None else dummy,
+              mask if mask is not None else dummy, rng_state if dropout_p > 0.0 else dummy,
+              dout, scratch, dq, dk, dv, *tables, dpk, dpv)
     if p_shape is None:
         dpk = dpv = None
     return dq, dk, dv, dpk, dpv

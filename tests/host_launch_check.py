@@ -36,7 +36,7 @@ def main():
                 fake_driver.LAUNCHES.recorded = direct = []
                 fn()  # found by specialisation key
                 fake_driver.LAUNCHES.recorded = direct_exact = []
-                fn()  # found by exact argument key
+                fn()  # found by the plan's bound launch (fwd, bwd) or the exact argument key (decode)
                 fake_driver.LAUNCHES.recorded = None
                 cached = sum(len(launcher._kernels) for launcher in _launch._LAUNCHERS.values())
                 want = [_normalise(a) for a in through_triton]

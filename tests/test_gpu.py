@@ -35,19 +35,34 @@ def test_gpt2_shape_bf16():
 
 
 @pytest.fixture
-def one_config():
-    """Force the autotuned kernels to one config at a time; restore afterwards."""
+def one_config(monkeypatch):
+    """Force the autotuned kernels to one config at a time; restore afterwards.
+
+    The direct launch path keeps compiled kernels per specialisation (prefix_attn._launch) and plans keep
+    bound launches: both are emptied, or every forced config after the first would reuse the first one's
+    compiled kernel (regression: the check covered one config)."""
+    from prefix_attn import _launch
+    from prefix_attn import triton_launch as launch
+
     saved = [(k, k.configs, dict(k.cache)) for k in (prefix_attn_fwd_kernel, bwd_kernel)]
+
+    def forget_compiled():
+        for launcher in _launch._LAUNCHERS.values():
+            launcher.clear()
+        monkeypatch.setattr(launch, "_BACKWARD_PLANS", {})
+        monkeypatch.setattr(launch, "_FORWARD_PLANS", {})
 
     def force(kernel, config):
         kernel.configs = [config]
         kernel.cache.clear()
+        forget_compiled()
 
     yield force
     for kernel, configs, cache in saved:
         kernel.configs = configs
         kernel.cache.clear()
         kernel.cache.update(cache)
+    forget_compiled()
 
 
 @pytest.mark.parametrize("index", range(max(len(FWD_GPU_CONFIGS), len(BWD_GPU_CONFIGS))))
