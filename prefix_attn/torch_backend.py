@@ -106,9 +106,9 @@ _SAVED_KEEP: dict = {}
 
 
 def _keep(rng, dropout_p: float, dims: AttnDims, rows: slice, save: bool) -> torch.Tensor:
-    """Dropout keep-mask (B, H, chunk, P + Lk) for the query rows ``rows``, as the fp32 factors that
-    multiply p: keep_scale where kept, 0 where dropped. save: keep it (packed) for the backward; else
-    take it from there when the forward saved it."""
+    """Dropout keep-mask (B, H, chunk, P + Lk) bool for the query rows ``rows`` (the kept values' factor
+    keep_scale is applied by the caller to a smaller operand). save: keep it (packed) for the backward;
+    else take it from there when the forward saved it."""
     seed, offset = (int(x) for x in rng.tolist())
     shape = (dims.batch, dims.heads, rows.stop - rows.start, dims.prefix_len + dims.seqlen_k)
     key = (seed, offset, shape, dims.seqlen_q, rows.start, dropout_p)
@@ -128,7 +128,7 @@ def _keep(rng, dropout_p: float, dims: AttnDims, rows: slice, save: bool) -> tor
             # counter, torch's own) sees what the graph keeps.
             packed = saved[key] = torch.empty(bits.shape, dtype=torch.uint8)
             packed.numpy()[:] = bits
-    return mask.reshape(shape).to(torch.float32).mul_(keep_scale(dropout_p))
+    return mask.reshape(shape)
 
 
 def _grouped(x, dims: AttnDims):
@@ -390,10 +390,12 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state):
         rows = slice(start, min(start + chunk, dims.seqlen_q))
         p, lse_c = _probs(qf[:, :, rows], kf, prefix, key_ok, causal, scale, dims, rows)
         if dropout_p > 0.0:
-            p.mul_(_keep(rng_state, dropout_p, dims, rows, save=True))
+            p.mul_(_keep(rng_state, dropout_p, dims, rows, save=True))  # dropped: 0
         o = _gemm_kv(p[..., P:], vf, dims)
         if prefix is not None:
             o.add_(_prefix_times(p[..., :P], prefix.v, prefix, dims, False, dims.head_dim))
+        if dropout_p > 0.0:
+            o.mul_(keep_scale(dropout_p))  # the kept values' factor, on (B, H, c, D) rather than the scores
         if one_chunk:
             out, lse = o, lse_c
         else:
@@ -425,6 +427,10 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: 
     for start in range(0, dims.seqlen_q, chunk):
         rows = slice(start, min(start + chunk, dims.seqlen_q))
         qc, doc = qf[:, :, rows], dof[:, :, rows]
+        if dropout_p > 0.0:
+            # The kept values' factor folded into dout: dV = (p * keep)^T (dout * s) and
+            # dP = ((dout * s) V^T) * keep, with keep the 0/1 mask and s = keep_scale.
+            doc = doc * keep_scale(dropout_p)
         p, _ = _probs(qc, kf, prefix, key_ok, causal, scale, dims, rows, lse=lse[:, :, rows].float())
         dp_seq = _gemm_kv(doc, vf.transpose(-1, -2), dims)
         if prefix is not None:
