@@ -65,12 +65,11 @@ class _Prefix:
             # Slots past a task's prefix_lens are never read: they may hold anything (a bank allocated
             # with torch.empty: NaN, inf), and a masked score alone still leaves 0 * NaN in p @ V and
             # in dS @ K. Zero them (torch.where, not a product) as the kernels' masked loads do.
-            self.task_slot_ok = slots[None, :] < lens[:, None]  # (T, P)
-            task_ok = self.task_slot_ok[:, None, :, None]  # (T, 1, P, 1)
+            task_ok = (slots[None, :] < lens[:, None])[:, None, :, None]  # (T, 1, P, 1)
             self.k = torch.where(task_ok, self.k, 0.0)
             self.v = torch.where(task_ok, self.v, 0.0)
         else:
-            self.slot_ok = self.task_slot_ok = None
+            self.slot_ok = None
 
     def apply(self, x, fn, out_shape):
         """Run fn(x_rows, task) per task; scatter into a (B, ...) result of out_shape."""
