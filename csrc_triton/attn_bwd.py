@@ -80,42 +80,57 @@ def bwd_preprocess_kernel(
 @triton.jit
 def accumulate_dkdv(
     dk, dv, k, v,
-    Q, dO, LseLog2, Delta, stride_qm, stride_qd, stride_dom, stride_dod,
+    Q, dO, LseLog2, Delta, stride_qm, stride_qd, stride_dom, stride_dod, stride_qh, stride_doh, group_size,
     q_start, q_end, Lq, key_cols, query_shift,
     seed, drop_counter_base, drop_groups_per_row, drop_col_start, keep_threshold, dropout_scale,
     qk_scale,
     offs_d, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dK, dV of one key tile (BLOCK_N keys) over the query blocks [q_start, q_end).
+    """dK, dV of one key tile (BLOCK_N keys) over the query blocks [q_start, q_end) of each of the
+    group_size query heads of its KV head (Q, dO, LseLog2, Delta and drop_counter_base at the first
+    one; head g is g * stride_qh, g * stride_doh and g * Lq rows further), summed in head order.
 
+    One flat loop over (head, query block): a loop over heads around the block loop kept the
+    accumulators and key tiles live across two loop levels and spilled registers (grouped heads only;
+    group_size = 1 is a constant and the loop is the plain block loop).
     CAUSAL masks query i (key position i + query_shift) from keys after it. Queries >= Lq load
     lse = +inf, so p = 0 there. Keys out of range or padded are not masked here: row j of dK/dV
     depends on key j alone, so the caller zeroes those rows once at the end.
     """
     d_ok = offs_d < HEAD_DIM
-    for start_m in range(q_start, q_end, BLOCK_M):
+    n_blocks = tl.cdiv(tl.maximum(q_end - q_start, 0), BLOCK_M)
+    for it in range(0, group_size * n_blocks):
+        if group_size == 1:
+            g = 0
+            start_m = q_start + it * BLOCK_M
+        else:
+            g = it // n_blocks
+            start_m = q_start + (it - g * n_blocks) * BLOCK_M
+        Qg = Q + g * stride_qh
+        dOg = dO + g * stride_doh
+        head_row = g * Lq
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Lq
-        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        q = tl.load(Qg + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        lse2 = tl.load(LseLog2 + offs_m, mask=m_ok, other=float("inf"))
+        lse2 = tl.load(LseLog2 + head_row + offs_m, mask=m_ok, other=float("inf"))
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         p_t = tl.math.exp2(qk_t - lse2[None, :])
         if CAUSAL:
             p_t = tl.where(key_cols[:, None] <= offs_m[None, :] + query_shift, p_t, 0.0)
-        do = tl.load(dO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        do = tl.load(dOg + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            row_counter = drop_counter_base + offs_m.to(tl.int64) * drop_groups_per_row
+            row_counter = drop_counter_base + (head_row + offs_m).to(tl.int64) * drop_groups_per_row
             keep_t = tl.trans(dropout_keep_tile(seed, row_counter, drop_col_start, keep_threshold, BLOCK_N))
             p_kept = tl.where(keep_t, p_t * dropout_scale, 0.0)
             dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
         else:
             p_kept = p_t
         dv = tl.dot(p_kept.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        delta = tl.load(Delta + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(Delta + head_row + offs_m, mask=m_ok, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
@@ -288,28 +303,27 @@ def bwd_kernel(
         q_first = tl.maximum(n_start - query_shift, 0) // BLOCK_M1 * BLOCK_M1
         diag_end = tl.minimum(tl.maximum(n_start + BLOCK_N1 - query_shift, 0), Lq)
         diag_end = (diag_end + BLOCK_M1 - 1) // BLOCK_M1 * BLOCK_M1
-        for g in range(group_size):
-            h = h_kv * group_size + g
-            Qb = Q + b * stride_qb + h * stride_qh
-            dOb = dOut + b * stride_dob + h * stride_doh
-            row0 = (b * H + h) * Lq
-            drop_counter_base = drop_offset + row0 * drop_groups_per_row
-            if CAUSAL:
-                dk, dv = accumulate_dkdv(
-                    dk, dv, k, v, Qb, dOb, LseLog2 + row0, Delta + row0, stride_qm, stride_qd, stride_dom,
-                    stride_dod, q_first, diag_end, Lq, key_cols, query_shift,
-                    seed, drop_counter_base, drop_groups_per_row, seq_col_base + n_start, keep_threshold,
-                    dropout_scale, qk_scale, offs_d, HEAD_DIM, BLOCK_M1, BLOCK_N1, True, HAS_DROPOUT, DOT_PRECISION,
-                )
-                q_rest = diag_end
-            else:
-                q_rest = 0
+        h0 = h_kv * group_size  # the group's first query head
+        Qb = Q + b * stride_qb + h0 * stride_qh
+        dOb = dOut + b * stride_dob + h0 * stride_doh
+        row0 = (b * H + h0) * Lq
+        drop_counter_base = drop_offset + row0 * drop_groups_per_row
+        if CAUSAL:
             dk, dv = accumulate_dkdv(
-                dk, dv, k, v, Qb, dOb, LseLog2 + row0, Delta + row0, stride_qm, stride_qd, stride_dom, stride_dod,
-                q_rest, Lq, Lq, key_cols, query_shift,
-                seed, drop_counter_base, drop_groups_per_row, seq_col_base + n_start, keep_threshold, dropout_scale,
-                qk_scale, offs_d, HEAD_DIM, BLOCK_M1, BLOCK_N1, False, HAS_DROPOUT, DOT_PRECISION,
+                dk, dv, k, v, Qb, dOb, LseLog2 + row0, Delta + row0, stride_qm, stride_qd, stride_dom,
+                stride_dod, stride_qh, stride_doh, group_size, q_first, diag_end, Lq, key_cols, query_shift,
+                seed, drop_counter_base, drop_groups_per_row, seq_col_base + n_start, keep_threshold,
+                dropout_scale, qk_scale, offs_d, HEAD_DIM, BLOCK_M1, BLOCK_N1, True, HAS_DROPOUT, DOT_PRECISION,
             )
+            q_rest = diag_end
+        else:
+            q_rest = 0
+        dk, dv = accumulate_dkdv(
+            dk, dv, k, v, Qb, dOb, LseLog2 + row0, Delta + row0, stride_qm, stride_qd, stride_dom, stride_dod,
+            stride_qh, stride_doh, group_size, q_rest, Lq, Lq, key_cols, query_shift,
+            seed, drop_counter_base, drop_groups_per_row, seq_col_base + n_start, keep_threshold, dropout_scale,
+            qk_scale, offs_d, HEAD_DIM, BLOCK_M1, BLOCK_N1, False, HAS_DROPOUT, DOT_PRECISION,
+        )
         # A padded key is seen by no query: its gradient rows are zero.
         dk = tl.where(key_ok[:, None], dk * softmax_scale, 0.0)
         dv = tl.where(key_ok[:, None], dv, 0.0)
