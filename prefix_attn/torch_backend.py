@@ -255,17 +255,27 @@ def _finite_lse(lse):
     return lse.clamp_min(-FLOAT32_MAX)
 
 
+def _host_array(x: torch.Tensor) -> np.ndarray:
+    """The values of an integer or bool CPU tensor as a NumPy array: its own memory, read without a
+    dispatched op. A tensor with no storage of its own (a functorch wrapper, under torch.func.grad) is
+    read through tolist()."""
+    try:
+        return x.numpy()
+    except RuntimeError:
+        return np.asarray(x.tolist())
+
+
 def _prefix_parts(prefix_idx, prefix_lens, dims: AttnDims) -> list:
     """The fused path's prefix work: (task, its batch rows as an int64 tensor or None for every row, visible
     slots) per task in use that has a visible slot. CPU tensors, read on the host through NumPy (no device
     to wait for, no dispatched op)."""
     if not dims.has_prefix:
         return []
-    lens = prefix_lens.numpy() if prefix_lens is not None else None
+    lens = _host_array(prefix_lens) if prefix_lens is not None else None
     if not dims.is_bank:
         n_slots = dims.prefix_len if lens is None else int(lens[0])
         return [(0, None, n_slots)] if n_slots > 0 else []
-    idx = prefix_idx.numpy()
+    idx = _host_array(prefix_idx)
     tasks = np.unique(idx)
     if len(tasks) == 1:
         n_slots = dims.prefix_len if lens is None else int(lens[tasks[0]])
@@ -366,7 +376,7 @@ def _visible_keys(attention_mask):
     then costs no masking at all, which at small shapes is a large part of a call."""
     if attention_mask is None:
         return None
-    if type(attention_mask) is torch.Tensor and attention_mask.device.type == "cpu" and attention_mask.numpy().all():
+    if type(attention_mask) is torch.Tensor and attention_mask.device.type == "cpu" and _host_array(attention_mask).all():
         return None
     return attention_mask != 0
 

@@ -151,3 +151,22 @@ def test_a_mask_of_ones_is_not_applied_on_cpu(monkeypatch):
         out = prefix_attn_func(**tensors, **kwargs, attention_mask=ones, backend="torch")
     assert syncs.count == 0 and masks == [None]
     assert torch.equal(out, prefix_attn_func(**tensors, **kwargs, backend="torch"))
+
+
+def test_under_torch_func_grad():
+    """Regression: the host reads of the mask, prefix_idx and prefix_lens (NumPy views of their memory)
+    failed on functorch's wrapped tensors under torch.func.grad ("Cannot access data pointer")."""
+    tensors, kwargs = _bank_case_with_every_kind_of_task()
+    q = tensors.pop("q").detach()
+
+    def loss(q, attention_mask, prefix_idx, prefix_lens):
+        return prefix_attn_func(q, **{k: t.detach() for k, t in tensors.items()}, attention_mask=attention_mask,
+                                prefix_idx=prefix_idx, prefix_lens=prefix_lens, backend="torch").square().sum()
+
+    mask = kwargs["attention_mask"]
+    for attention_mask in (mask, torch.ones_like(mask)):
+        args = (attention_mask, kwargs["prefix_idx"], kwargs["prefix_lens"])
+        grad = torch.func.grad(loss)(q, *args)
+        q_eager = q.clone().requires_grad_(True)
+        loss(q_eager, *args).backward()
+        torch.testing.assert_close(grad, q_eager.grad)
