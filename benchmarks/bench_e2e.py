@@ -101,14 +101,15 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _median_ms(fn, device, reps: int) -> tuple[float, float, float]:
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
+def _time_ms(fn, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _quantiles(times) -> tuple[float, float, float]:
     q = torch.quantile(torch.tensor(times, dtype=torch.float64), torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
     return tuple(float(x) for x in q)
 
@@ -139,53 +140,71 @@ def run(quick: bool, device, providers=None, dtype=None, **_) -> Iterator[dict]:
                         yield {"bench": bench, "provider": route, "mode": "all", **dataclasses.asdict(s),
                                "skipped": "peft is not installed"}
         routes = [r for r in routes if r == "native"]
-    reps = 10 if on_gpu(device) else 2
     for bench, points in shapes(quick, device).items():
         for s in points:
             g = torch.Generator(device="cpu").manual_seed(0)
             ids = torch.randint(0, s.config().vocab_size, (s.B, s.L), generator=g).to(device)
             mask = torch.ones_like(ids)
-            for route in routes:
-                base = dict(bench=bench, provider=route, dtype=str(dtype).replace("torch.", ""), B=s.B, L=s.L, P=s.P,
-                            H=s.dims()[1], Hkv=s.dims()[2], D=s.dims()[3], model=s.model,
-                            expanded_prefix_mb=s.expanded_prefix_bytes(torch.tensor([], dtype=dtype).element_size())
-                            / 2**20)
-                if route == "prompt_tuning" and bench == "e2e_generate":
-                    continue  # compared for training cost only
-                try:
-                    model, params = build(route, s, device, dtype)
-                    if bench == "e2e_train":
-                        yield {**base, **_train(model, params, ids, mask, device, reps)}
-                    else:
-                        yield {**base, **_generate(model, ids, mask, device, reps=3 if on_gpu(device) else 1)}
-                except torch.OutOfMemoryError:
-                    yield {**base, "mode": "all", "skipped": "out of memory"}
-                finally:
-                    model = params = None
-                    gc.collect()
-                    if on_gpu(device):
-                        torch.cuda.empty_cache()
+            shape_routes = [r for r in routes if not (r == "prompt_tuning" and bench == "e2e_generate")]  # training only
+            base = dict(bench=bench, dtype=str(dtype).replace("torch.", ""), B=s.B, L=s.L, P=s.P, H=s.dims()[1],
+                        Hkv=s.dims()[2], D=s.dims()[3], model=s.model,
+                        expanded_prefix_mb=s.expanded_prefix_bytes(torch.tensor([], dtype=dtype).element_size()) / 2**20)
+            if on_gpu(device):
+                yield from _routes_one_by_one(bench, s, shape_routes, ids, mask, device, dtype, base)
+            else:
+                yield from _routes_interleaved(bench, s, shape_routes, ids, mask, device, dtype, base)
 
 
-def _train(model, params, ids, mask, device, reps):
-    model.train()
-    opt = torch.optim.AdamW(params, lr=1e-4)
+def _routes_one_by_one(bench, s, routes, ids, mask, device, dtype, base):
+    """GPU: one route's model at a time (the peak memory is the process's, weights included)."""
+    reps = 10 if bench == "e2e_train" else 3
+    for route in routes:
+        try:
+            model, params = build(route, s, device, dtype)
+            fn, mode, tokens = _workload(bench, model, params, ids, mask)
+            times = [_time_ms(fn, device) for _ in range(reps)]
+            yield {**base, "provider": route, **_record(fn, mode, tokens, times, device)}
+        except torch.OutOfMemoryError:
+            yield {**base, "provider": route, "mode": "all", "skipped": "out of memory"}
+        finally:
+            model = params = fn = None
+            gc.collect()
+            torch.cuda.empty_cache()
 
-    def step():
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):  # warm-up: kernel compilation, optimizer state
-        step()
-    ms = _median_ms(step, device, reps)
-    peak = _peak_mb(step, device)
-    return {"mode": "train_step", "ms_p50": ms[0], "ms_p20": ms[1], "ms_p80": ms[2],
-            "tokens_per_s": ids.numel() / ms[0] * 1e3, "peak_mem_mb": peak}
+def _routes_interleaved(bench, s, routes, ids, mask, device, dtype, base):
+    """CPU: every route's model built first, then timed in turns (route A, B, C, A, B, C, ...), so that the
+    shared machine's load drifts over all routes alike: timed one route after another, the tiny rows'
+    ratios swung by 1.3x from run to run. The peak memory is counted per call (measure.peak_memory_mb)."""
+    reps = 20 if bench == "e2e_train" else 7
+    workloads = {}
+    for route in routes:
+        model, params = build(route, s, device, dtype)
+        workloads[route] = _workload(bench, model, params, ids, mask)
+    times = {route: [] for route in workloads}
+    for _ in range(reps):
+        for route, (fn, _, _) in workloads.items():
+            times[route].append(_time_ms(fn, device))
+    for route, (fn, mode, tokens) in workloads.items():
+        yield {**base, "provider": route, **_record(fn, mode, tokens, times[route], device)}
 
 
-def _generate(model, ids, mask, device, reps, new_tokens=32):
+def _workload(bench, model, params, ids, mask, new_tokens=32):
+    """(fn, mode, tokens per call) of a route's model, warmed up: a training step (forward, backward,
+    AdamW step on the trainable parameters, in train mode) or a greedy generate() of new_tokens."""
+    if bench == "e2e_train":
+        model.train()
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step():
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(3):  # warm-up: kernel compilation, optimizer state
+            step()
+        return step, "train_step", ids.numel()
     model.eval()
 
     def gen():
@@ -194,7 +213,10 @@ def _generate(model, ids, mask, device, reps, new_tokens=32):
                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
     gen()
-    ms = _median_ms(gen, device, reps)
-    peak = _peak_mb(gen, device)
-    return {"mode": "generate", "ms_p50": ms[0], "ms_p20": ms[1], "ms_p80": ms[2],
-            "tokens_per_s": ids.shape[0] * new_tokens / ms[0] * 1e3, "peak_mem_mb": peak}
+    return gen, "generate", ids.shape[0] * new_tokens
+
+
+def _record(fn, mode, tokens, times, device) -> dict:
+    ms = _quantiles(times)
+    return {"mode": mode, "ms_p50": ms[0], "ms_p20": ms[1], "ms_p80": ms[2], "tokens_per_s": tokens / ms[0] * 1e3,
+            "peak_mem_mb": _peak_mb(fn, device)}
