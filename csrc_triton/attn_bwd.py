@@ -3,13 +3,14 @@
 1. ``bwd_preprocess_kernel``: delta = rowsum(dO * O) - dLSE and the lse in log2 units, with empty
    rows (lse = -inf) turned to +inf so that recomputed probabilities are 0 there; it also zeroes
    the prefix-gradient counters that the next launch counts with.
-2. ``bwd_kernel``: its sequence programs compute, for program j of one (b, KV head), dK/dV of the
-   sequence's key block j (key-stationary, looping over the queries of the group's query heads:
-   grouped heads are summed in a fixed order, no atomics) and dQ of query block j of each query
-   head of the group (query-stationary, looping over the prefix and the sequence keys). Causal work per key block
-   falls as per query block grows, so each program does about the same work. Its programs after
-   those each take one piece of the prefix gradient, reduced across the batch per task in a fixed
-   order by the piece that arrives last (``prefix_grad.py``).
+2. ``bwd_kernel``: its sequence programs compute dK/dV of the sequence's key block j of a KV head
+   (key-stationary, one flat loop over the queries of the group's query heads: grouped heads are
+   summed in a fixed order, no atomics) and dQ of query block j of a query head (query-stationary,
+   over the prefix and the sequence keys). With equal heads one program does both halves for block j
+   (causal work per key block falls as per query block grows, so each program does about the same
+   work); with grouped heads the halves are separate programs (see ``bwd_kernel``). Its programs
+   after those each take one piece of the prefix gradient, reduced across the batch per task in a
+   fixed order by the piece that arrives last (``prefix_grad.py``).
 """
 import triton
 import triton.language as tl
@@ -236,19 +237,28 @@ def bwd_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_MP: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
 ):
-    """Grid (n_seq + n_pieces * n_pblocks * Hkv,), n_seq = max(cdiv(Lk, BLOCK_N1), cdiv(Lq, BLOCK_M2)) * B * Hkv,
-    Hkv = H // group_size the KV heads (query head h reads KV head h // group_size).
+    """Grid (n_seq + n_pieces * n_pblocks * Hkv,), Hkv = H // group_size the KV heads (query head h reads
+    KV head h // group_size), n_blocks = max(cdiv(Lk, BLOCK_N1), cdiv(Lq, BLOCK_M2)) and
+    n_seq = n_blocks * B * Hkv with equal heads, n_blocks * B * (Hkv + H) with grouped heads.
 
-    Programs [0, n_seq) are the sequence programs (key block and query block j of one (b, KV head),
-    block fastest): dK/dV of the key block summed over the group's query heads in a fixed order (no
-    atomics), and dQ of the query block for each of them. Each program after them takes one piece
-    of the prefix gradient (prefix_grad.prefix_piece_grads, BLOCK_MP query rows per item). The heavy
-    sequence programs come first; the light prefix pieces fill the tail of the schedule.
-    group_size = 1 (equal heads) is specialised to a constant by the launch: the group loops then
-    run once and the kernel is the equal-heads one.
+    Programs [0, n_seq) are the sequence programs, block index fastest. Equal heads (group_size = 1,
+    which the launch specialises to a constant): program j of (b, head) computes dK/dV of key block j
+    and dQ of query block j (causal work per key block falls as per query block grows, so each program
+    does about the same work). Grouped heads: the first n_blocks * B * Hkv programs compute dK/dV of key
+    block j of (b, KV head), summed over the group's query heads in a fixed order (no atomics); the next
+    n_blocks * B * H compute dQ of query block j of one (b, query head). Apart, neither half holds the
+    other's tiles, and the dQ half needs no loop over the group's heads (a loop nest that spilled
+    registers). Each program after the sequence programs takes one piece of the prefix gradient
+    (prefix_grad.prefix_piece_grads, BLOCK_MP query rows per item): the heavy programs come first, the
+    light prefix pieces fill the tail of the schedule.
     """
     n_blocks = tl.maximum(tl.cdiv(Lk, BLOCK_N1), tl.cdiv(Lq, BLOCK_M2))
-    n_seq = n_blocks * B * (H // group_size)
+    kv_heads = H // group_size
+    n_kv_programs = n_blocks * B * kv_heads
+    if group_size == 1:
+        n_seq = n_kv_programs
+    else:
+        n_seq = n_kv_programs + n_blocks * B * H
     pid = tl.program_id(0)
     Delta, LseLog2, dPK_ws, dPV_ws, Counters = scratch_sections(Scratch, n_rows, ws_size)
     if HAS_PREFIX:
@@ -266,11 +276,17 @@ def bwd_kernel(
                 HEAD_DIM, BLOCK_D, BLOCK_P, BLOCK_MP, HAS_BANK, HAS_PREFIX_LENS, HAS_DROPOUT, DOT_PRECISION,
             )
             return
-    pid_bh = pid // n_blocks  # (b, KV head)
-    pid = pid % n_blocks
-    kv_heads = H // group_size
-    b = (pid_bh // kv_heads).to(tl.int64)
-    h_kv = (pid_bh % kv_heads).to(tl.int64)
+    # Which half: with equal heads both (dq_program is the constant False), with grouped heads dK/dV
+    # programs first, then dQ programs. h: the dQ program's query head, or the group's first one.
+    dq_program = (group_size != 1) & (pid >= n_kv_programs)
+    do_dkdv = (group_size == 1) | (pid < n_kv_programs)
+    do_dq = (group_size == 1) | dq_program
+    bh = tl.where(dq_program, pid - n_kv_programs, pid) // n_blocks
+    heads = tl.where(dq_program, H, kv_heads)
+    b = (bh // heads).to(tl.int64)
+    h = tl.where(dq_program, bh % heads, bh % heads * group_size).to(tl.int64)
+    h_kv = h // group_size
+    pid = pid % n_blocks  # the block index (n_kv_programs is a multiple of n_blocks)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     query_shift = Lk - Lq  # query i sits at key position i + query_shift
@@ -286,7 +302,7 @@ def bwd_kernel(
     # ---- dK, dV of key block pid of KV head h_kv: summed over the group's query heads in head order
     # (sequence keys only; the prefix's are reduced elsewhere) ----
     n_start = pid * BLOCK_N1
-    if n_start < Lk:
+    if do_dkdv and n_start < Lk:
         key_cols = n_start + tl.arange(0, BLOCK_N1)
         key_in = key_cols < Lk
         key_ok = key_in
@@ -303,10 +319,9 @@ def bwd_kernel(
         q_first = tl.maximum(n_start - query_shift, 0) // BLOCK_M1 * BLOCK_M1
         diag_end = tl.minimum(tl.maximum(n_start + BLOCK_N1 - query_shift, 0), Lq)
         diag_end = (diag_end + BLOCK_M1 - 1) // BLOCK_M1 * BLOCK_M1
-        h0 = h_kv * group_size  # the group's first query head
-        Qb = Q + b * stride_qb + h0 * stride_qh
-        dOb = dOut + b * stride_dob + h0 * stride_doh
-        row0 = (b * H + h0) * Lq
+        Qb = Q + b * stride_qb + h * stride_qh  # h: the group's first query head
+        dOb = dOut + b * stride_dob + h * stride_doh
+        row0 = (b * H + h) * Lq
         drop_counter_base = drop_offset + row0 * drop_groups_per_row
         if CAUSAL:
             dk, dv = accumulate_dkdv(
@@ -332,10 +347,9 @@ def bwd_kernel(
         tl.store(dV + b * stride_dvb + h_kv * stride_dvh + key_cols[:, None] * stride_dvn
                  + offs_d[None, :] * stride_dvd, dv.to(dV.dtype.element_ty), mask=kv_mask)
 
-    # ---- dQ of query block pid of each of the group's query heads: over the prefix slots, then the
-    # sequence keys (the KV tiles are the group's, so they come from L2 after the first head) ----
+    # ---- dQ of query block pid of query head h: over the prefix slots, then the sequence keys ----
     m_start = pid * BLOCK_M2
-    if m_start < Lq:
+    if do_dq and m_start < Lq:
         offs_m = m_start + tl.arange(0, BLOCK_M2)
         m_ok = offs_m < Lq
         qd_mask = m_ok[:, None] & d_ok[None, :]
@@ -343,45 +357,43 @@ def bwd_kernel(
         Kb = K + b * stride_kb + h_kv * stride_kh
         Vb = V + b * stride_vb + h_kv * stride_vh
         full_end, diag_end = key_stage_bounds(m_start + query_shift, Lk, BLOCK_M2, BLOCK_N2, CAUSAL)
-        for g in range(group_size):
-            h = h_kv * group_size + g
-            Qb = Q + b * stride_qb + h * stride_qh
-            dOb = dOut + b * stride_dob + h * stride_doh
-            row0 = (b * H + h) * Lq
-            q = tl.load(Qb + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-            do = tl.load(dOb + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
-            lse2 = tl.load(LseLog2 + row0 + offs_m, mask=m_ok, other=float("inf"))
-            delta = tl.load(Delta + row0 + offs_m, mask=m_ok, other=0.0)
-            drop_row_counter = drop_offset + (row0 + offs_m.to(tl.int64)) * drop_groups_per_row
-            dq = tl.zeros((BLOCK_M2, BLOCK_D), tl.float32)
-            if HAS_PREFIX:
-                PKt, PVt, n_prefix = locate_prefix(PK, PV, PREFIX_IDX, PREFIX_LENS, b, h_kv, P, stride_pkt,
-                                                   stride_pkh, stride_pvt, stride_pvh, HAS_BANK, HAS_PREFIX_LENS)
-                p_full_end = n_prefix // BLOCK_P * BLOCK_P
-                dq = accumulate_dq(
-                    dq, q, do, lse2, delta, PKt, PVt, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
-                    0, p_full_end, n_prefix, query_pos, KEY_MASK, 0,
-                    seed, drop_row_counter, 0, keep_threshold, dropout_scale, qk_scale,
-                    offs_d, HEAD_DIM, BLOCK_P, False, False, False, HAS_DROPOUT, DOT_PRECISION,
-                )
-                dq = accumulate_dq(
-                    dq, q, do, lse2, delta, PKt, PVt, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
-                    p_full_end, n_prefix, n_prefix, query_pos, KEY_MASK, 0,
-                    seed, drop_row_counter, 0, keep_threshold, dropout_scale, qk_scale,
-                    offs_d, HEAD_DIM, BLOCK_P, True, False, False, HAS_DROPOUT, DOT_PRECISION,
-                )
+        Qb = Q + b * stride_qb + h * stride_qh
+        dOb = dOut + b * stride_dob + h * stride_doh
+        row0 = (b * H + h) * Lq
+        q = tl.load(Qb + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+        do = tl.load(dOb + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
+        lse2 = tl.load(LseLog2 + row0 + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(Delta + row0 + offs_m, mask=m_ok, other=0.0)
+        drop_row_counter = drop_offset + (row0 + offs_m.to(tl.int64)) * drop_groups_per_row
+        dq = tl.zeros((BLOCK_M2, BLOCK_D), tl.float32)
+        if HAS_PREFIX:
+            PKt, PVt, n_prefix = locate_prefix(PK, PV, PREFIX_IDX, PREFIX_LENS, b, h_kv, P, stride_pkt,
+                                               stride_pkh, stride_pvt, stride_pvh, HAS_BANK, HAS_PREFIX_LENS)
+            p_full_end = n_prefix // BLOCK_P * BLOCK_P
             dq = accumulate_dq(
-                dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd,
-                0, full_end, Lk, query_pos, mask_row, stride_maskn,
-                seed, drop_row_counter, seq_col_base, keep_threshold, dropout_scale, qk_scale,
-                offs_d, HEAD_DIM, BLOCK_N2, False, False, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION,
+                dq, q, do, lse2, delta, PKt, PVt, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
+                0, p_full_end, n_prefix, query_pos, KEY_MASK, 0,
+                seed, drop_row_counter, 0, keep_threshold, dropout_scale, qk_scale,
+                offs_d, HEAD_DIM, BLOCK_P, False, False, False, HAS_DROPOUT, DOT_PRECISION,
             )
             dq = accumulate_dq(
-                dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd,
-                full_end, diag_end, Lk, query_pos, mask_row, stride_maskn,
-                seed, drop_row_counter, seq_col_base, keep_threshold, dropout_scale, qk_scale,
-                offs_d, HEAD_DIM, BLOCK_N2, True, CAUSAL, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION,
+                dq, q, do, lse2, delta, PKt, PVt, stride_pkp, stride_pkd, stride_pvp, stride_pvd,
+                p_full_end, n_prefix, n_prefix, query_pos, KEY_MASK, 0,
+                seed, drop_row_counter, 0, keep_threshold, dropout_scale, qk_scale,
+                offs_d, HEAD_DIM, BLOCK_P, True, False, False, HAS_DROPOUT, DOT_PRECISION,
             )
-            dq = dq * softmax_scale
-            tl.store(dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
-                     + offs_d[None, :] * stride_dqd, dq.to(dQ.dtype.element_ty), mask=qd_mask)
+        dq = accumulate_dq(
+            dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd,
+            0, full_end, Lk, query_pos, mask_row, stride_maskn,
+            seed, drop_row_counter, seq_col_base, keep_threshold, dropout_scale, qk_scale,
+            offs_d, HEAD_DIM, BLOCK_N2, False, False, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION,
+        )
+        dq = accumulate_dq(
+            dq, q, do, lse2, delta, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd,
+            full_end, diag_end, Lk, query_pos, mask_row, stride_maskn,
+            seed, drop_row_counter, seq_col_base, keep_threshold, dropout_scale, qk_scale,
+            offs_d, HEAD_DIM, BLOCK_N2, True, CAUSAL, HAS_KEY_MASK, HAS_DROPOUT, DOT_PRECISION,
+        )
+        dq = dq * softmax_scale
+        tl.store(dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
+                 + offs_d[None, :] * stride_dqd, dq.to(dQ.dtype.element_ty), mask=qd_mask)

@@ -455,7 +455,8 @@ class _BackwardPlan:
     The one fp32 scratch buffer holds, in order: delta and the log2 lse (B * H * Lq each), the
     prefix-gradient partials of K and V (n_pieces * Hkv * P_pad * D each) and the int32 counters
     (T * n_pblocks * Hkv) of the last-arrival reduction (csrc_triton.attn_bwd.scratch_sections).
-    Grouped heads: sequence and prefix programs are per KV head and sum their group's query heads.
+    Grouped heads: dK/dV and prefix programs are per KV head and sum their group's query heads; dQ programs
+    are per query head.
     """
 
     __slots__ = ("grad_shapes", "scratch_numel", "preprocess", "main", "prefix_split")
@@ -499,7 +500,9 @@ class _BackwardPlan:
                 scale * LOG2E, scale, keep_scale(dropout_p),
                 B, n_rows, ws_size, p_pad, n_pblocks, n_qblocks, ipp, n_items, n_pieces, *tune)
         n_prefix_programs = n_pieces * n_pblocks * Hkv
-        n_bh = B * Hkv  # sequence programs per block index: one per (sequence, KV head)
+        # Sequence programs per block index: one per (sequence, KV head), and with grouped heads one more
+        # per (sequence, query head) for dQ (csrc_triton.attn_bwd.bwd_kernel).
+        n_bh = B * Hkv + (B * H if dims.group_size > 1 else 0)
 
         def grid(meta):
             return (max(_cdiv(Lk, meta["BLOCK_N1"]), _cdiv(Lq, meta["BLOCK_M2"])) * n_bh + n_prefix_programs,)

@@ -73,20 +73,20 @@ def _grouped_backward(r) -> bool:
     return r.name == "bwd" and " GQA " in r.variant
 
 
-# Known, partly fixed: the grouped-heads backward spills at the 255-register ceiling. Its dK/dV half
-# now runs one flat loop over (query head of the group, query block) instead of a head loop around the
-# block loop; that took the sm_90 spills from 224-952 B to 8-360 B with Triton 3.6 (256-592 B with
-# 3.9, from 432-840 B) and the sm_80 worst case (dropout + bank) from 2088 to 1128 B (3.6) / 1352 to
-# 1200 B (3.9) (measured 2026-11-24, cuobjdump). The dQ half keeps its head loop (each head's dQ tile
-# is stored before the next head's starts). The cost on a GPU is unmeasured; this bound stops growth.
-GROUPED_BACKWARD_STACK_BOUND = 1280
+# Grouped heads: the backward spilled at the 255-register ceiling (224-952 B of stack on sm_90, up to
+# 2088 B on sm_80 with dropout + bank) while its programs looped over the group's query heads around
+# the block loops. Now the dK/dV half runs one flat loop over (head, query block) and the dQ half is
+# a program per query head (csrc_triton.attn_bwd.bwd_kernel). Measured 2026-11-24 with cuobjdump:
+# sm_90 0-64 B (Triton 3.6) / 48-248 B (3.9), sm_80 0-872 B / 0-1152 B, the most with dropout + bank +
+# prefix_lens at d64, as the equal-heads kernel. These bounds stop them from growing again.
+GROUPED_BACKWARD_STACK_BOUND = {90: 256, 80: 1216}
 
 
 def test_grouped_backward_spills_stay_bounded(compiled):
     checked = [r for r in compiled if _grouped_backward(r)]
     assert checked
     spilling = [f"sm{r.cap} {r.variant}: stack {r.stack} B" for r in checked
-                if r.stack > GROUPED_BACKWARD_STACK_BOUND]
+                if r.stack > GROUPED_BACKWARD_STACK_BOUND[r.cap]]
     assert not spilling, spilling
 
 
