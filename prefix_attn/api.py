@@ -89,7 +89,10 @@ def prefix_attn_func(
     prefix, shared by the batch) and to its own sequence's keys. Neither the batch-expanded prefix
     nor [prefix; keys] is ever materialised, forward or backward; the gradient of the prefix is
     reduced over the batch (per task for a bank) inside the op, and the gradients of k, v and the
-    prefix over each group of query heads.
+    prefix over each group of query heads. (One exception, CPU only: the torch backend's backward
+    without dropout takes the prefix gradient per batch row, (B, kv_heads, P, head_dim) for K and V,
+    from PyTorch's fused CPU kernel and sums it at once; SDPA over the concatenation holds that much
+    and more, as part of its dK and dV.)
 
     Args:
         q: (batch, seqlen_q, heads, head_dim). Query i sits at key position seqlen_k - seqlen_q + i

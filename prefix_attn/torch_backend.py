@@ -2,8 +2,10 @@
 
 Same contract and same numerics as the Triton backend (fp32 math, the same dropout mask bit for
 bit), forward and backward written out explicitly so that both backends share one autograd and
-custom-op path. It never builds the batch-expanded prefix: prefix scores are an einsum against
-the (P, Hkv, D) block, and a bank is handled task by task over the rows that use each task.
+custom-op path. It never builds the batch-expanded prefix: prefix scores come from GEMMs against
+the (P, Hkv, D) block (or the fused CPU kernel reads it with batch stride 0), and a bank is handled
+task by task over the rows that use each task. The one batch-sized prefix tensor is a gradient: the
+fused CPU backward returns the prefix's per batch row, summed at once (see below).
 
 Grouped KV heads (k, v, prefix with Hkv heads, H = Hkv * G query heads; query head h reads KV head
 h // G): KV heads are never expanded. The G query heads of a KV head are laid out as G * rows of
