@@ -23,6 +23,13 @@ def main():
         out.float().sum().backward()
         with torch.no_grad():  # decode path with a bank, prefix_lens and padding
             prefix_attn_func(q[:, -2:], k, v, pk, pv, prefix_idx=idx, prefix_lens=lens, attention_mask=mask)
+        # Grouped heads (6 query heads over the 2 KV heads): the backward's separate dK/dV and dQ
+        # programs, and the decode kernel's stacked heads.
+        qg = torch.randn(B, L, 3 * H, D, device=dev, dtype=dtype, requires_grad=True)
+        out = prefix_attn_func(qg, k, v, pk, pv, prefix_idx=idx, prefix_lens=lens, attention_mask=mask, dropout_p=0.1)
+        out.float().sum().backward()
+        with torch.no_grad():
+            prefix_attn_func(qg[:, -1:], k, v, pk[0], pv[0])
     dropout_keep_mask_triton(torch.tensor([1, 2], device=dev), B, H, L, P, L, 0.2)
     torch.cuda.synchronize()
     print("sanitize_small: done")
