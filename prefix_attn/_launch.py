@@ -49,6 +49,12 @@ def _hook_set(hook) -> bool:
     return hook is not None and (not hasattr(hook, "calls") or bool(hook.calls))
 
 
+def through_triton() -> bool:
+    """Whether launches go through Triton's own dispatch: under the interpreter, with
+    PREFIX_ATTN_DIRECT_LAUNCH=0, or while a launch hook (a profiler) is installed."""
+    return common.INTERPRET or not DIRECT_LAUNCH or launch_hooks_set()
+
+
 def launch_hooks_set() -> bool:
     """Whether a launch hook (a profiler) is installed: then every launch goes through Triton."""
     if _knobs is None:
@@ -137,7 +143,7 @@ class DirectLauncher:
     def __call__(self, grid, args, constexprs: dict):
         """Launch; returns (run, function, packed_metadata, grid as 3 ints, constexpr tail) when the launch
         went straight to the compiled kernel (what BoundLaunch keeps), None when it went through Triton."""
-        if common.INTERPRET or not DIRECT_LAUNCH or launch_hooks_set():
+        if through_triton():
             self.kernel[grid](*args, **constexprs)
             return None
         # Level 1: the exact integer values (strides, sizes), each tensor's dtype and alignment, read
@@ -243,7 +249,7 @@ class BoundLaunch:
         self.constexprs = constexprs
 
     def __call__(self, *tensors):
-        if common.INTERPRET or not DIRECT_LAUNCH or launch_hooks_set() or reduce(or_, map(_DATA_PTR, tensors)) & 15:
+        if through_triton() or reduce(or_, map(_DATA_PTR, tensors)) & 15:
             self.launcher(self.grid, tensors + self.ints, self.constexprs)
             return
         active = driver.active

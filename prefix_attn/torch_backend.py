@@ -207,8 +207,7 @@ def _use_fused_cpu_kernel(q, dims: AttnDims, dropout_p: float) -> bool:
 def _bottom_right_causal(seqlen_q: int, seqlen_k: int) -> torch.Tensor:
     """(1, 1, Lq, Lk) bool: key j visible to query i iff j <= i + Lk - Lq (cached: a decode or training
     loop asks for the same few shapes once per layer call; CPU only, read-only)."""
-    qpos = torch.arange(seqlen_q) + (seqlen_k - seqlen_q)
-    return (torch.arange(seqlen_k)[None, :] <= qpos[:, None])[None, None]
+    return ~_causal_hidden(0, seqlen_q, seqlen_q, seqlen_k, torch.device("cpu"))[None, None]
 
 
 def _own_key_mask(key_ok, causal: bool, dims: AttnDims, dtype):

@@ -276,3 +276,20 @@ def dropout_run_and_reference(case, tensors, kwargs, p: float, backend: str):
     ref_out, ref_lse, ref_grads = run_op(lambda **kw: prefix_attn_ref(**kw, dropout_p=p, dropout_mask=mask),
                                          to64(tensors), kwargs, dout.double())
     return rng, list(zip(["out", "lse", *tensors], [out, lse, *grads], [ref_out, ref_lse, *ref_grads]))
+
+
+def run_two_workers(worker, tmp_path, what: str, seconds: float = 180):
+    """Spawn worker(rank, 2, rendezvous file, tmp_path) in 2 processes and wait for both; a worker that
+    fails raises here, and workers still running after ``seconds`` are killed and the test fails."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=5):  # join raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {what} workers did not finish within {seconds:.0f} s")

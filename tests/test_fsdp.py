@@ -7,12 +7,10 @@ holding the prompt encoder) are sharded; the frozen base weights are sharded too
 import copy
 import datetime
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 pytest.importorskip("peft")
 from peft import PrefixTuningConfig, get_peft_model  # noqa: E402
@@ -20,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import prefix_attn.integrations.hf_attention as hf_attention  # noqa: E402
 from prefix_attn import apply_prefix_attn_to_peft  # noqa: E402
+from tests.helpers import run_two_workers  # noqa: E402
 
 VOCAB, P, ROWS = 100, 4, 3
 
@@ -80,13 +79,7 @@ def _fsdp_worker(rank, world_size, init_file, out_dir):
 
 
 def test_fsdp2_loss_and_prefix_gradients_equal_one_process(tmp_path):
-    context = mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 180
-    while not context.join(timeout=5):  # join raises if a worker failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the FSDP2 workers did not finish within 180 s")
+    run_two_workers(_fsdp_worker, tmp_path, "FSDP2")
     model = _peft_llama()
     ids, mask = _batch()
     _loss(model, ids, mask).backward()

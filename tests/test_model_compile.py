@@ -16,17 +16,21 @@ def patched_gpt2():
     return apply_prefix_attn_to_gpt2(GPT2LMHeadModel(config).eval())
 
 
+def assert_compiled_equals_eager(model, fullgraph, ids, **kwargs):
+    """torch.compile(model) (aot_eager) gives eager's logits on ids, with use_cache=False."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=fullgraph, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled(ids, use_cache=False, **kwargs).logits
+        want = model(ids, use_cache=False, **kwargs).logits
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("fullgraph", [False, True])
 def test_compiled_model_with_a_padding_mask_equals_eager(fullgraph):
     """Regression: bool(attention_mask.all()) in the mask function stopped fullgraph compilation."""
-    torch._dynamo.reset()
-    model = patched_gpt2()
     ids, mask = make_batch("left")
-    compiled = torch.compile(model, fullgraph=fullgraph, backend="aot_eager")
-    with torch.no_grad():
-        got = compiled(ids, attention_mask=mask, use_cache=False).logits
-        want = model(ids, attention_mask=mask, use_cache=False).logits
-    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+    assert_compiled_equals_eager(patched_gpt2(), fullgraph, ids, attention_mask=mask)
 
 
 def test_exported_model_equals_eager():
@@ -44,14 +48,8 @@ def test_compiled_model_without_a_mask_equals_eager(fullgraph):
     """Regression: without an attention_mask, transformers cannot rule out packed sequences while
     tracing and hands over its packed-sequence mask function; that was refused (ValueError). It is
     now checked on the device, and a batch that is not packed runs compiled."""
-    torch._dynamo.reset()
-    model = patched_gpt2()
     ids, _ = make_batch()
-    compiled = torch.compile(model, fullgraph=fullgraph, backend="aot_eager")
-    with torch.no_grad():
-        got = compiled(ids, use_cache=False).logits
-        want = model(ids, use_cache=False).logits
-    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+    assert_compiled_equals_eager(patched_gpt2(), fullgraph, ids)
 
 
 def test_exported_model_without_a_mask_equals_eager_and_refuses_packed_rows():
@@ -92,14 +90,8 @@ def test_compiled_llama_without_a_mask_equals_eager():
 
     from prefix_attn import apply_prefix_attn
 
-    torch._dynamo.reset()
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
-    model = apply_prefix_attn(LlamaForCausalLM(config).eval())
     ids, _ = make_batch()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        got = compiled(ids, use_cache=False).logits
-        want = model(ids, use_cache=False).logits
-    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+    assert_compiled_equals_eager(apply_prefix_attn(LlamaForCausalLM(config).eval()), True, ids)

@@ -5,16 +5,15 @@ Tiny random GPT-2s on the CPU (backend "auto" = the torch backend), float32, a f
 import copy
 import datetime
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import prefix_attn.integrations.hf_attention as hf_attention
 from prefix_attn import PrefixTuning, apply_prefix_attn_to_peft
+from tests.helpers import run_two_workers
 
 VOCAB, P = 100, 4
 TASK_TOKENS = (torch.arange(10, 15), torch.arange(50, 55))  # task t's sequences use these tokens only
@@ -166,13 +165,7 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
 
 
 def test_ddp_gradients_equal_one_process_over_the_whole_batch(tmp_path):
-    context = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 180
-    while not context.join(timeout=5):  # join raises if a worker failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the DDP workers did not finish within 180 s")
+    run_two_workers(_ddp_worker, tmp_path, "DDP")
     tuned = _ddp_tuned()
     ids, mask, labels, tasks = _ddp_batch()
     tuned(ids, attention_mask=mask, labels=labels, prefix_idx=tasks).loss.backward()

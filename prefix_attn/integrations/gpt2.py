@@ -10,7 +10,7 @@ from typing import Optional
 from transformers.models.gpt2.modeling_gpt2 import GPT2PreTrainedModel
 
 from prefix_attn.integrations.hf_attention import (  # noqa: F401  (re-exported)
-    ATTN_IMPLEMENTATION, check_prefix_attn_selected, check_supported_model, filled_slots, is_static_cache_call,
+    ATTN_IMPLEMENTATION, apply_prefix_attn, check_prefix_attn_selected, check_supported_model, filled_slots, is_static_cache_call,
     prefix_attn_forward, prefix_attn_mask, register_prefix_attn, revert_prefix_attn, static_cache_mask,
     switch_back, switch_to_prefix_attn)
 
@@ -43,10 +43,7 @@ def apply_prefix_attn_to_gpt2(model: Optional[GPT2PreTrainedModel] = None) -> Op
     """
     if model is not None:
         check_gpt2_model(model, "apply_prefix_attn_to_gpt2")
-    register_prefix_attn()
-    if model is not None:
-        switch_to_prefix_attn(model)
-    return model
+    return apply_prefix_attn(model)
 
 
 def revert_prefix_attn_to_gpt2(model: Optional[GPT2PreTrainedModel] = None) -> Optional[GPT2PreTrainedModel]:
