@@ -13,7 +13,7 @@ one GEMM against that KV head (q (B, H, c, D) seen as (B, Hkv, G * c, D): the sa
 so dK, dV and the prefix gradients come out summed over each group by the GEMMs themselves.
 Scores, the dropout mask, lse and delta stay per query head (B, H, c, .).
 
-Two paths:
+Three paths:
 - CPU tensors without dropout (inference, and training without attention dropout): the sequence's
   own keys go through PyTorch's fused CPU attention kernel (``_scaled_dot_product_flash_attention_
   for_cpu``: tiled online softmax, no Lq x Lk score matrix), and so do each task's visible prefix
@@ -23,11 +23,16 @@ Two paths:
   part's gradient comes back per batch row (what SDPA over the concatenation also holds, as part of
   its dK and dV) and is summed in fp32. Few, large ops: at small shapes a call's cost is its count of
   dispatched ops.
-- Otherwise (dropout, whose mask must be the kernels' Philox mask bit for bit; CUDA tensors; an
-  lse gradient; double backward), scores of [prefix; keys] are materialised for query chunks that
-  stay within ``CHUNK_ELEMENTS``. On CPU the forward keeps each chunk's dropout keep-mask bit-packed
-  for the backward (``_SAVED_KEEP``: 1/32 of a chunk's fp32 scores, freed with the graph) instead of
-  drawing it twice; Philox in NumPy is the largest single cost of this path at training shapes.
+- CPU tensors with dropout, a shared prefix (no bank, no prefix_lens), equal heads and one query chunk
+  (GPT-2's training call): one softmax over [prefix; keys] (the prefix's scores from a GEMM against the
+  (H, P, D) block), the keep-mask the kernels' Philox mask bit for bit, and the forward's probabilities
+  and keep-mask kept for the backward (as SDPA's math path keeps its own; ``_SAVED_KEEP``), so the
+  backward does not compute the scores again.
+- Otherwise (other dropout calls; CUDA tensors; double backward), scores of [prefix; keys] are
+  materialised for query chunks that stay within ``CHUNK_ELEMENTS``. On CPU the forward keeps each
+  chunk's dropout keep-mask bit-packed for the backward (``_SAVED_KEEP``: 1/32 of a chunk's fp32
+  scores, freed with the graph) instead of drawing it twice.
+Philox in NumPy is the largest single cost of a dropout call at small training shapes.
 """
 import functools
 import math
@@ -106,13 +111,27 @@ def _chunk_rows(dims: AttnDims) -> int:
 _SAVED_KEEP: dict = {}
 
 
+def _saved_for(rng) -> dict:
+    """The forward's saved state of the call that drew ``rng`` (created on first use, dropped with rng)."""
+    saved = _SAVED_KEEP.get(id(rng))
+    if saved is None:
+        saved = _SAVED_KEEP[id(rng)] = {}
+        weakref.finalize(rng, _SAVED_KEEP.pop, id(rng), None)
+    return saved
+
+
+def _keep_key(rng, dropout_p: float, dims: AttnDims, rows: slice):
+    """(seed, offset, the key of this chunk's saved state, its mask shape)."""
+    seed, offset = (int(x) for x in rng.tolist())
+    shape = (dims.batch, dims.heads, rows.stop - rows.start, dims.prefix_len + dims.seqlen_k)
+    return seed, offset, (seed, offset, shape, dims.seqlen_q, rows.start, dropout_p), shape
+
+
 def _keep(rng, dropout_p: float, dims: AttnDims, rows: slice, save: bool) -> torch.Tensor:
     """Dropout keep-mask (B, H, chunk, P + Lk) bool for the query rows ``rows`` (the kept values' factor
     keep_scale is applied by the caller to a smaller operand). save: keep it (packed) for the backward;
     else take it from there when the forward saved it."""
-    seed, offset = (int(x) for x in rng.tolist())
-    shape = (dims.batch, dims.heads, rows.stop - rows.start, dims.prefix_len + dims.seqlen_k)
-    key = (seed, offset, shape, dims.seqlen_q, rows.start, dropout_p)
+    seed, offset, key, shape = _keep_key(rng, dropout_p, dims, rows)
     saved = _SAVED_KEEP.get(id(rng))
     packed = None if save or saved is None else saved.get(key)
     if packed is not None:
@@ -121,13 +140,10 @@ def _keep(rng, dropout_p: float, dims: AttnDims, rows: slice, save: bool) -> tor
         mask = keep_mask_grid(seed, offset, dims.batch * dims.heads, dims.seqlen_q, rows, dims.prefix_len,
                               dims.seqlen_k, dropout_p, rng.device)
         if save and mask.device.type == "cpu":
-            if saved is None:
-                saved = _SAVED_KEEP[id(rng)] = {}
-                weakref.finalize(rng, _SAVED_KEEP.pop, id(rng), None)
             bits = np.packbits(mask.numpy().reshape(-1))
             # A torch tensor, not the NumPy array: memory accounting (the benchmarks' dispatch-mode
             # counter, torch's own) sees what the graph keeps.
-            packed = saved[key] = torch.empty(bits.shape, dtype=torch.uint8)
+            packed = _saved_for(rng)[key] = torch.empty(bits.shape, dtype=torch.uint8)
             packed.numpy()[:] = bits
     return mask.reshape(shape)
 
@@ -361,6 +377,94 @@ def _backward_fused_cpu(dout, q, k, v, out, lse, prefix_k, prefix_v, parts, key_
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dpk, dpv
 
 
+# ---- CPU with dropout: a shared prefix, equal heads, one query chunk (see the module docstring) -----------
+
+def _use_dropout_cpu_path(q, dims: AttnDims, dropout_p: float, prefix_lens) -> bool:
+    return (q.device.type == "cpu" and dropout_p > 0.0 and q.numel() > 0 and dims.has_prefix and not dims.is_bank
+            and prefix_lens is None and dims.group_size == 1 and _chunk_rows(dims) >= dims.seqlen_q)
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_bias(seqlen_q: int, seqlen_k: int, n_prefix: int) -> torch.Tensor:
+    """(Lq, P + Lk) fp32, read-only: -inf on the keys causal masking hides from each query row, else 0 (every
+    prefix column). Cached: every layer call of a step asks for the same one."""
+    hidden = torch.ones((seqlen_q, n_prefix + seqlen_k), dtype=torch.bool).triu_(n_prefix + seqlen_k - seqlen_q + 1)
+    return torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
+
+
+def _dropout_cpu_probs(q, k, prefix_k, key_ok, causal, scale, dims: AttnDims):
+    """fp32 q (B, Lq, H, D), k (B, Lk, H, D), prefix_k (P, H, D) -> (p (B, H, Lq, P + Lk), lse (B, H, Lq)). Every
+    row sees the P prefix slots, so none is empty and one softmax gives p; lse = max - log(max p)."""
+    B, Lq, H, D = q.shape
+    P = dims.prefix_len
+    s_pre = torch.bmm(q.reshape(B * Lq, H, D).transpose(0, 1), prefix_k.permute(1, 2, 0))  # (H, B * Lq, P)
+    s = torch.cat([s_pre.view(H, B, Lq, P).transpose(0, 1), torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1))],
+                  dim=-1)
+    s = torch.add(_causal_bias(Lq, dims.seqlen_k, P), s, alpha=scale) if causal else s.mul_(scale)
+    if key_ok is not None:
+        s.add_(torch.nn.functional.pad(torch.where(key_ok, 0.0, float("-inf")), (P, 0))[:, None, None, :])
+    p = torch.softmax(s, dim=-1)
+    return p, s.amax(-1).sub_(p.amax(-1).log_())
+
+
+def _forward_dropout_cpu(q, k, v, prefix_k, prefix_v, key_ok, causal, scale, dropout_p, rng, dims: AttnDims):
+    B, Lq, H, D = q.shape
+    P = dims.prefix_len
+    qf, kf, vf, pkf, pvf = (x.float() for x in (q, k, v, prefix_k, prefix_v))
+    p, lse = _dropout_cpu_probs(qf, kf, pkf, key_ok, causal, scale, dims)
+    rows = slice(0, Lq)
+    # Kept unpacked with p (1.25x a score-sized fp32 tensor where SDPA's math path keeps 2.25x: its softmax
+    # output, the dropped probabilities and its bool mask); the chunked backward, if it runs, draws it again.
+    keep = _keep(rng, dropout_p, dims, rows, save=False)
+    _saved_for(rng)[_probs_key(rng, dropout_p, dims)] = (p, keep)
+    p_kept = p * keep
+    o = torch.matmul(p_kept[..., P:], vf.transpose(1, 2))
+    o_pre = torch.bmm(p_kept[..., :P].transpose(0, 1).reshape(H, B * Lq, P), pvf.transpose(0, 1))  # (H, B * Lq, D)
+    o.add_(o_pre.view(H, B, Lq, D).transpose(0, 1)).mul_(keep_scale(dropout_p))
+    return o.transpose(1, 2).contiguous().to(q.dtype), lse
+
+
+def _probs_key(rng, dropout_p: float, dims: AttnDims):
+    return _keep_key(rng, dropout_p, dims, slice(0, dims.seqlen_q))[2] + ("probs",)
+
+
+def _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, key_ok, causal, scale, dropout_p, rng,
+                          dims: AttnDims):
+    """The gradients from the forward's p and keep-mask, taken out of _SAVED_KEEP (p is overwritten here; a second
+    backward of a retained graph, the custom op's rng_state, or a cleared _SAVED_KEEP compute both again by the
+    forward's ops: the same bits)."""
+    B, Lq, H, D = q.shape
+    P = dims.prefix_len
+    qf, kf, vf, pkf, pvf, dof, of = (x.float() for x in (q, k, v, prefix_k, prefix_v, dout, out))
+    saved = _SAVED_KEEP.get(id(rng), {}).pop(_probs_key(rng, dropout_p, dims), None)
+    if saved is None:
+        saved = _dropout_cpu_probs(qf, kf, pkf, key_ok, causal, scale, dims)[0], _keep(
+            rng, dropout_p, dims, slice(0, Lq), save=False)
+    p, keep = saved
+    del saved
+    # keep_scale folded into dout: dV = (p * keep)^T (dout * s), dP = ((dout * s) V^T) * keep.
+    do_s = dof.transpose(1, 2) * keep_scale(dropout_p)  # (B, H, Lq, D)
+    delta = (dof * of).sum(-1).transpose(1, 2)  # (B, H, Lq)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    do_h = do_s.transpose(0, 1).reshape(H, B * Lq, D)
+    dp = torch.cat([torch.bmm(do_h, pvf.permute(1, 2, 0)).view(H, B, Lq, P).transpose(0, 1),
+                    torch.matmul(do_s, vf.permute(0, 2, 3, 1))], dim=-1)
+    # dS = p * (dP * keep - delta), times the softmax scale that dQ, dK and dprefix_k all carry; then p becomes
+    # p * keep in place (no third score-sized buffer).
+    ds = dp.mul_(keep).sub_(delta[..., None]).mul_(p).mul_(scale)
+    p_kept = p.mul_(keep)
+    ds_pre = ds[..., :P].transpose(0, 1).reshape(H, B * Lq, P)
+    dq = torch.matmul(ds[..., P:], kf.transpose(1, 2))
+    dq.add_(torch.bmm(ds_pre, pkf.transpose(0, 1)).view(H, B, Lq, D).transpose(0, 1))
+    dk = torch.matmul(ds[..., P:].transpose(-1, -2), qf.transpose(1, 2))
+    dv = torch.matmul(p_kept[..., P:].transpose(-1, -2), do_s)
+    dpk = torch.bmm(ds_pre.transpose(1, 2), qf.reshape(B * Lq, H, D).transpose(0, 1))  # (H, P, D)
+    dpv = torch.bmm(p_kept[..., :P].transpose(0, 1).reshape(H, B * Lq, P).transpose(1, 2), do_h)
+    return tuple(g.transpose(*dims_).contiguous().to(x.dtype) for g, x, dims_ in (
+        (dq, q, (1, 2)), (dk, k, (1, 2)), (dv, v, (1, 2)), (dpk, prefix_k, (0, 1)), (dpv, prefix_v, (0, 1))))
+
+
 def _accumulate(total, x):
     """A sum over query tiles, started by the first."""
     return x if total is None else total.add_(x)
@@ -388,6 +492,9 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state):
     if _use_fused_cpu_kernel(q, dims, dropout_p):
         return _forward_fused_cpu(q, k, v, prefix_k, prefix_v, _prefix_parts(prefix_idx, prefix_lens, dims),
                                   _visible_keys(attention_mask), causal, scale, dims)
+    if _use_dropout_cpu_path(q, dims, dropout_p, prefix_lens):
+        return _forward_dropout_cpu(q, k, v, prefix_k, prefix_v, _visible_keys(attention_mask), causal, scale,
+                                    dropout_p, rng_state, dims)
     prefix, key_ok = _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims)
     qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # (B, H, Lq, D), (B, Hkv, Lk, D)
     chunk = _chunk_rows(dims)
@@ -424,6 +531,9 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: 
             dout, q, k, v, out, lse, prefix_k, prefix_v, _prefix_parts(prefix_idx, prefix_lens, dims),
             _visible_keys(attention_mask), causal, scale, dims)
         return tuple(g.contiguous().to(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v))) + (dpk, dpv)
+    if _use_dropout_cpu_path(q, dims, dropout_p, prefix_lens) and not torch.is_grad_enabled():
+        return _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, _visible_keys(attention_mask),
+                                     causal, scale, dropout_p, rng_state, dims)
     prefix, key_ok = _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims)
     qf, kf, vf, dof, of = (x.float().transpose(1, 2) for x in (q, k, v, dout, out))  # k, v: (B, Hkv, Lk, D)
     delta = (dof * of).sum(-1)
