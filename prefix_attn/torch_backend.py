@@ -346,7 +346,9 @@ def _merge(own_out, own_lse, o_pre, lse_pre):
     own key: lse -inf), computed in fp32 and in place in o_pre (a copy for half-precision inputs). Every
     row of a part sees a prefix slot, so lse_pre and the merged lse are finite."""
     own_weight = torch.sigmoid(own_lse - lse_pre)[..., None]
-    return o_pre.float().lerp_(own_out.float(), own_weight).to(own_out.dtype), torch.logaddexp(own_lse, lse_pre)
+    if own_out.dtype != torch.float32:
+        return o_pre.float().lerp_(own_out.float(), own_weight).to(own_out.dtype), torch.logaddexp(own_lse, lse_pre)
+    return o_pre.lerp_(own_out, own_weight), torch.logaddexp(own_lse, lse_pre)
 
 
 def _backward_fused_cpu(dout, q, k, v, out, lse, prefix_k, prefix_v, parts, key_ok, causal, scale, dims: AttnDims):
@@ -481,8 +483,10 @@ def _visible_keys(attention_mask):
     then costs no masking at all, which at small shapes is a large part of a call."""
     if attention_mask is None:
         return None
-    if type(attention_mask) is torch.Tensor and attention_mask.device.type == "cpu" and _host_array(attention_mask).all():
-        return None
+    if type(attention_mask) is torch.Tensor and attention_mask.device.type == "cpu":
+        values = _host_array(attention_mask)
+        if np.count_nonzero(values) == values.size:  # count_nonzero: no ufunc reduction machinery
+            return None
     return attention_mask != 0
 
 
