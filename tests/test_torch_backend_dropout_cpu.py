@@ -155,3 +155,26 @@ def test_memory_is_at_most_sdpa_with_dropout_over_the_concatenation(mode, L, P):
     ours = lambda: prefix_attn_func(q, k, v, prefix_k, prefix_v, dropout_p=0.1, backend="torch")  # noqa: E731
     mine, theirs = peak_memory_mb(lambda: run(ours), "cpu"), peak_memory_mb(lambda: run(sdpa), "cpu")
     assert mine <= theirs, f"{mode}: peak {mine:.3f} MiB > SDPA with dropout over the concatenation {theirs:.3f} MiB"
+
+
+def test_compiled_training_call_equals_eager():
+    """Through the custom ops (torch.compile), the backward op gets the forward's rng_state: it takes the kept
+    probabilities or computes them again, with the same bits as eager either way."""
+    torch._dynamo.reset()
+    case = Case(P=6, mask="left")
+    tensors, kwargs = make_inputs(case)
+
+    def layer(q, k, v, prefix_k, prefix_v):
+        out = prefix_attn_func(q, k, v, prefix_k, prefix_v, **kwargs, dropout_p=0.3, backend="torch")
+        return (out ** 2).sum()
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, layer):
+        torch.manual_seed(21)
+        loss = fn(**tensors)
+        results.append((loss, torch.autograd.grad(loss, list(tensors.values()))))
+    (loss_c, grads_c), (loss_e, grads_e) = results
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b)
