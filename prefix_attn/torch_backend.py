@@ -272,6 +272,11 @@ def _finite_lse(lse):
     return lse.clamp_min(-FLOAT32_MAX)
 
 
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in dtype; x itself when it already is (a no-op .to() still costs a dispatch, about a microsecond)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _host_array(x: torch.Tensor) -> np.ndarray:
     """The values of an integer or bool CPU tensor as a NumPy array: its own memory, read without a
     dispatched op. A tensor with no storage of its own (a functorch wrapper, under torch.func.grad) is
@@ -337,7 +342,7 @@ def _forward_fused_cpu(q, k, v, prefix_k, prefix_v, parts, key_ok, causal, scale
             out[rows], lse[rows] = _merge(out[rows], lse[rows], o_pre, lse_pre)
     # Contiguous (B, Lq, H, D) and (B, H, Lq), as the custom op's fake promises (out already is: the kernel's
     # (B, Lq, H, D) memory).
-    return out.transpose(1, 2).contiguous().to(q.dtype), lse.contiguous()
+    return _as(out.transpose(1, 2).contiguous(), q.dtype), lse.contiguous()
 
 
 def _merge(own_out, own_lse, o_pre, lse_pre):
@@ -358,13 +363,16 @@ def _backward_fused_cpu(dout, q, k, v, out, lse, prefix_k, prefix_v, parts, key_
     up. A part's prefix gradient comes back per batch row and is summed over its rows in fp32."""
     is_causal, mask, _ = _own_key_mask(key_ok, causal, dims, q.dtype)
     safe = _finite_lse(lse)
-    qt, dot, ot = (x.to(q.dtype).transpose(1, 2) for x in (q, dout, out))
+    qt, dot, ot = (_as(x, q.dtype).transpose(1, 2) for x in (q, dout, out))
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dot, qt, k.transpose(1, 2), v.transpose(1, 2), ot, safe, 0.0, is_causal, attn_mask=mask, scale=scale)
     dpk = dpv = None
     if prefix_k is not None:
-        dpk = torch.zeros(prefix_k.shape, dtype=torch.float32)
-        dpv = torch.zeros(prefix_v.shape, dtype=torch.float32)
+        # One part with every slot (a shared prefix): its row sums are the gradients, no zeros to add into.
+        whole = not dims.is_bank and len(parts) == 1 and parts[0][2] == dims.prefix_len
+        if not whole:
+            dpk = torch.zeros(prefix_k.shape, dtype=torch.float32)
+            dpv = torch.zeros(prefix_v.shape, dtype=torch.float32)
         for task, rows, n_slots in parts:
             n_rows = dims.batch if rows is None else len(rows)
             rows_of = (lambda x: x) if rows is None else (lambda x: x[rows])
@@ -373,9 +381,12 @@ def _backward_fused_cpu(dout, q, k, v, out, lse, prefix_k, prefix_v, parts, key_
                 _prefix_block(prefix_v, task, n_slots, n_rows, dims), rows_of(ot), rows_of(safe), 0.0, False, scale=scale)
             dq.add_(dq_pre) if rows is None else dq.index_add_(0, rows, dq_pre)
             # (n_rows, Hkv, n_slots, D) -> the task's (n_slots, Hkv, D) slots.
+            if whole:
+                dpk, dpv = (g.sum(0, dtype=torch.float32).transpose(0, 1) for g in (dpk_rows, dpv_rows))
+                continue
             for grad, grad_rows in ((dpk, dpk_rows), (dpv, dpv_rows)):
                 (grad[task] if dims.is_bank else grad)[:n_slots].add_(grad_rows.sum(0, dtype=torch.float32).transpose(0, 1))
-        dpk, dpv = dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+        dpk, dpv = _as(dpk, prefix_k.dtype).contiguous(), _as(dpv, prefix_v.dtype).contiguous()
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dpk, dpv
 
 
@@ -412,7 +423,7 @@ def _dropout_cpu_probs(q, k, prefix_k, key_ok, causal, scale, dims: AttnDims):
 def _forward_dropout_cpu(q, k, v, prefix_k, prefix_v, key_ok, causal, scale, dropout_p, rng, dims: AttnDims):
     B, Lq, H, D = q.shape
     P = dims.prefix_len
-    qf, kf, vf, pkf, pvf = (x.float() for x in (q, k, v, prefix_k, prefix_v))
+    qf, kf, vf, pkf, pvf = (_as(x, torch.float32) for x in (q, k, v, prefix_k, prefix_v))
     p, lse = _dropout_cpu_probs(qf, kf, pkf, key_ok, causal, scale, dims)
     rows = slice(0, Lq)
     # Kept unpacked with p (1.25x a score-sized fp32 tensor where SDPA's math path keeps 2.25x: its softmax
@@ -423,7 +434,7 @@ def _forward_dropout_cpu(q, k, v, prefix_k, prefix_v, key_ok, causal, scale, dro
     o = torch.matmul(p_kept[..., P:], vf.transpose(1, 2))
     o_pre = torch.bmm(p_kept[..., :P].transpose(0, 1).reshape(H, B * Lq, P), pvf.transpose(0, 1))  # (H, B * Lq, D)
     o.add_(o_pre.view(H, B, Lq, D).transpose(0, 1)).mul_(keep_scale(dropout_p))
-    return o.transpose(1, 2).contiguous().to(q.dtype), lse
+    return _as(o.transpose(1, 2).contiguous(), q.dtype), lse
 
 
 def _probs_key(rng, dropout_p: float, dims: AttnDims):
@@ -437,7 +448,7 @@ def _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, key_ok, 
     forward's ops: the same bits)."""
     B, Lq, H, D = q.shape
     P = dims.prefix_len
-    qf, kf, vf, pkf, pvf, dof, of = (x.float() for x in (q, k, v, prefix_k, prefix_v, dout, out))
+    qf, kf, vf, pkf, pvf, dof, of = (_as(x, torch.float32) for x in (q, k, v, prefix_k, prefix_v, dout, out))
     saved = _SAVED_KEEP.get(id(rng), {}).pop(_probs_key(rng, dropout_p, dims), None)
     if saved is None:
         saved = _dropout_cpu_probs(qf, kf, pkf, key_ok, causal, scale, dims)[0], _keep(
@@ -463,7 +474,7 @@ def _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, key_ok, 
     dv = torch.matmul(p_kept[..., P:].transpose(-1, -2), do_s)
     dpk = torch.bmm(ds_pre.transpose(1, 2), qf.reshape(B * Lq, H, D).transpose(0, 1))  # (H, P, D)
     dpv = torch.bmm(p_kept[..., :P].transpose(0, 1).reshape(H, B * Lq, P).transpose(1, 2), do_h)
-    return tuple(g.transpose(*dims_).contiguous().to(x.dtype) for g, x, dims_ in (
+    return tuple(_as(g.transpose(*dims_).contiguous(), x.dtype) for g, x, dims_ in (
         (dq, q, (1, 2)), (dk, k, (1, 2)), (dv, v, (1, 2)), (dpk, prefix_k, (0, 1)), (dpv, prefix_v, (0, 1))))
 
 
@@ -534,7 +545,7 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: 
         dq, dk, dv, dpk, dpv = _backward_fused_cpu(
             dout, q, k, v, out, lse, prefix_k, prefix_v, _prefix_parts(prefix_idx, prefix_lens, dims),
             _visible_keys(attention_mask), causal, scale, dims)
-        return tuple(g.contiguous().to(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v))) + (dpk, dpv)
+        return tuple(_as(g.contiguous(), x.dtype) for g, x in ((dq, q), (dk, k), (dv, v))) + (dpk, dpv)
     if _use_dropout_cpu_path(q, dims, dropout_p, prefix_lens) and not torch.is_grad_enabled():
         return _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, _visible_keys(attention_mask),
                                      causal, scale, dropout_p, rng_state, dims)
