@@ -351,9 +351,8 @@ def _merge(own_out, own_lse, o_pre, lse_pre):
     own key: lse -inf), computed in fp32 and in place in o_pre (a copy for half-precision inputs). Every
     row of a part sees a prefix slot, so lse_pre and the merged lse are finite."""
     own_weight = torch.sigmoid(own_lse - lse_pre)[..., None]
-    if own_out.dtype != torch.float32:
-        return o_pre.float().lerp_(own_out.float(), own_weight).to(own_out.dtype), torch.logaddexp(own_lse, lse_pre)
-    return o_pre.lerp_(own_out, own_weight), torch.logaddexp(own_lse, lse_pre)
+    out = _as(o_pre, torch.float32).lerp_(_as(own_out, torch.float32), own_weight)
+    return _as(out, own_out.dtype), torch.logaddexp(own_lse, lse_pre)
 
 
 def _backward_fused_cpu(dout, q, k, v, out, lse, prefix_k, prefix_v, parts, key_ok, causal, scale, dims: AttnDims):
@@ -401,7 +400,8 @@ def _use_dropout_cpu_path(q, dims: AttnDims, dropout_p: float, prefix_lens) -> b
 def _causal_bias(seqlen_q: int, seqlen_k: int, n_prefix: int) -> torch.Tensor:
     """(Lq, P + Lk) fp32, read-only: -inf on the keys causal masking hides from each query row, else 0 (every
     prefix column). Cached: every layer call of a step asks for the same one."""
-    hidden = torch.ones((seqlen_q, n_prefix + seqlen_k), dtype=torch.bool).triu_(n_prefix + seqlen_k - seqlen_q + 1)
+    keys_hidden = _causal_hidden(0, seqlen_q, seqlen_q, seqlen_k, torch.device("cpu"))
+    hidden = torch.nn.functional.pad(keys_hidden, (n_prefix, 0))
     return torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
 
 
@@ -454,7 +454,6 @@ def _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, key_ok, 
         saved = _dropout_cpu_probs(qf, kf, pkf, key_ok, causal, scale, dims)[0], _keep(
             rng, dropout_p, dims, slice(0, Lq), save=False)
     p, keep = saved
-    del saved
     # keep_scale folded into dout: dV = (p * keep)^T (dout * s), dP = ((dout * s) V^T) * keep.
     do_s = dof.transpose(1, 2) * keep_scale(dropout_p)  # (B, H, Lq, D)
     delta = (dof * of).sum(-1).transpose(1, 2)  # (B, H, Lq)

@@ -248,17 +248,18 @@ class ShapeLog(TorchDispatchMode):
 
 
 class PathSpy:
-    """Records which of the torch backend's fused CPU functions a call ran."""
+    """Records which of the torch backend's functions ``names`` a call ran (by default its fused CPU kernels'),
+    in order, in ``ran``."""
 
-    def __init__(self, monkeypatch):
-        self.fused = []
-        for name in ("_forward_fused_cpu", "_backward_fused_cpu"):
+    def __init__(self, monkeypatch, names=("_forward_fused_cpu", "_backward_fused_cpu")):
+        self.ran = []
+        for name in names:
             real = getattr(torch_backend, name)
             monkeypatch.setattr(torch_backend, name, self._wrap(name, real))
 
     def _wrap(self, name, real):
         def spy(*args, **kwargs):
-            self.fused.append(name)
+            self.ran.append(name)
             return real(*args, **kwargs)
         return spy
 

@@ -16,7 +16,7 @@ from tests.helpers import Case, PathSpy, check_against_reference, make_inputs
 def test_without_dropout_the_fused_kernel_runs_forward_and_backward(monkeypatch, case):
     spy = PathSpy(monkeypatch)
     check_against_reference(case, torch.float32, "torch")
-    assert spy.fused == ["_forward_fused_cpu", "_backward_fused_cpu"]
+    assert spy.ran == ["_forward_fused_cpu", "_backward_fused_cpu"]
 
 
 def test_dropout_lse_gradients_and_double_backward_take_the_explicit_path(monkeypatch):
@@ -24,16 +24,16 @@ def test_dropout_lse_gradients_and_double_backward_take_the_explicit_path(monkey
     tensors, kwargs = make_inputs(Case(P=6, B=2), torch.float32)
     out = prefix_attn_func(**tensors, **kwargs, dropout_p=0.2, backend="torch")
     out.sum().backward()
-    assert spy.fused == []
+    assert spy.ran == []
     out, lse = prefix_attn_func(**tensors, **kwargs, return_lse=True, backend="torch")
     (out.sum() + lse.sum()).backward()  # an lse gradient: the fused backward cannot take one
-    assert spy.fused == ["_forward_fused_cpu"]
+    assert spy.ran == ["_forward_fused_cpu"]
     check_against_reference(Case(P=6, B=2), torch.float32, "torch", with_dlse=True)
-    spy.fused.clear()
+    spy.ran.clear()
     out = prefix_attn_func(**tensors, **kwargs, backend="torch")
     (grad_q,) = torch.autograd.grad(out.square().sum(), tensors["q"], create_graph=True)
     grad_q.sum().backward()  # double backward: the explicit backward is made of differentiable ops
-    assert spy.fused == ["_forward_fused_cpu"]
+    assert spy.ran == ["_forward_fused_cpu"]
 
 
 def test_forward_memory_is_at_most_sdpa_over_the_concatenation():
@@ -126,7 +126,7 @@ def test_fused_path_merges_each_task_of_a_bank_over_its_own_rows(monkeypatch):
     tensors, kwargs = _bank_case_with_every_kind_of_task()
     out, lse, _ = check_against_reference(Case(B=5, Lq=6, Lk=9, H=4, D=16, T=4, P=5), torch.float32, "torch",
                                           tensors_kwargs=(tensors, kwargs))
-    assert spy.fused == ["_forward_fused_cpu", "_backward_fused_cpu"]
+    assert spy.ran == ["_forward_fused_cpu", "_backward_fused_cpu"]
     assert torch.isneginf(lse[2]).all() and torch.equal(out[2], torch.zeros_like(out[2]))
 
 

@@ -5,35 +5,27 @@ lse gradient, every mask kind, strided views, Lq < Lk, half precision; and which
 import pytest
 import torch
 
-from prefix_attn import prefix_attn_func, torch_backend
+from prefix_attn import prefix_attn_func
 from prefix_attn.dropout import draw_rng_state, dropout_keep_mask
 from prefix_attn.reference import prefix_attn_ref
-from tests.helpers import ATOL, Case, dropout_run_and_reference, make_inputs, max_err, run_op, to64, to_dtype
+from tests.helpers import ATOL, Case, PathSpy, dropout_run_and_reference, make_inputs, max_err, run_op, to64, to_dtype
 
 CASES = [Case(P=10), Case(P=7, B=3, Lq=5, Lk=23, mask="left"), Case(P=3, causal=False, mask="holes"),
          Case(P=9, Lq=11, Lk=11, mask="empty_row"), Case(P=6, B=2, Lq=9, Lk=9, strided=True, H=3, D=24),
          Case(P=5, Lq=13, Lk=13, mask="right", causal=False)]
 
 
-class ProbsSpy:
-    """Counts how often the path computes its scores and probabilities."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        real = torch_backend._dropout_cpu_probs
-
-        def spy(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-        monkeypatch.setattr(torch_backend, "_dropout_cpu_probs", spy)
+def probs_spy(monkeypatch):
+    """Records each time the path computes its scores and probabilities."""
+    return PathSpy(monkeypatch, ("_dropout_cpu_probs",))
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_output_lse_and_gradients_match_the_reference_with_the_drawn_mask(monkeypatch, case):
-    spy = ProbsSpy(monkeypatch)
+    spy = probs_spy(monkeypatch)
     tensors, kwargs = make_inputs(case)
     _, pairs = dropout_run_and_reference(case, tensors, kwargs, 0.3, "torch")
-    assert spy.calls == 1  # the forward's; the backward read them
+    assert len(spy.ran) == 1  # the forward's; the backward read them
     for name, ours, ref in pairs:
         assert max_err(ours, ref) < 5e-5, name
 
@@ -80,20 +72,20 @@ def test_half_precision(dtype):
     (Case(P=0), False),  # no prefix slot: a row may see nothing
 ], ids=str)
 def test_which_calls_take_it(monkeypatch, case, taken):
-    spy = ProbsSpy(monkeypatch)
+    spy = probs_spy(monkeypatch)
     tensors, kwargs = make_inputs(case)
     prefix_attn_func(**tensors, **kwargs, dropout_p=0.2, backend="torch").sum().backward()
-    assert spy.calls == (1 if taken else 0)
+    assert len(spy.ran) == (1 if taken else 0)
 
 
 def test_grouped_heads_take_the_chunked_path(monkeypatch):
-    spy = ProbsSpy(monkeypatch)
+    spy = probs_spy(monkeypatch)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 7, 4, 16, generator=g, requires_grad=True)
     k, v = (torch.randn(2, 7, 2, 16, generator=g, requires_grad=True) for _ in range(2))
     pk, pv = (torch.randn(3, 2, 16, generator=g, requires_grad=True) for _ in range(2))
     prefix_attn_func(q, k, v, pk, pv, dropout_p=0.2, backend="torch").sum().backward()
-    assert spy.calls == 0
+    assert len(spy.ran) == 0
 
 
 def test_a_retained_graph_gives_the_same_gradients_twice():

@@ -6,21 +6,10 @@ import pytest
 import torch
 
 from prefix_attn import prefix_attn_func, torch_backend
-from tests.helpers import Case, make_inputs
+from tests.helpers import Case, PathSpy, make_inputs
 
 CASES = [Case(P=10, B=2, Lq=13, Lk=13), Case(P=9, T=3, B=4, Lq=7, Lk=11, prefix_lens=True, mask="left"),
          Case(P=0, B=1, Lq=5, Lk=9, mask="holes"), Case(P=6, B=2, Lq=9, Lk=9, strided=True)]
-
-
-class DrawSpy:
-    def __init__(self, monkeypatch):
-        self.draws = 0
-        real = torch_backend.keep_mask_grid
-
-        def spy(*args, **kwargs):
-            self.draws += 1
-            return real(*args, **kwargs)
-        monkeypatch.setattr(torch_backend, "keep_mask_grid", spy)
 
 
 def _grads(case, forget_saved_masks: bool):
@@ -40,16 +29,16 @@ def _grads(case, forget_saved_masks: bool):
 def test_backward_from_the_saved_mask_equals_a_redrawn_mask(monkeypatch, case, chunk_elements):
     if chunk_elements is not None:  # several query chunks, each saving its own mask
         monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", chunk_elements)
-    spy = DrawSpy(monkeypatch)
+    spy = PathSpy(monkeypatch, ("keep_mask_grid",))
     out_saved, saved = _grads(case, forget_saved_masks=False)
-    draws_saved = spy.draws
-    spy.draws = 0
+    draws_saved = len(spy.ran)
+    spy.ran.clear()
     out_drawn, drawn = _grads(case, forget_saved_masks=True)
     rows_per_chunk = max(1, min(case.Lq, torch_backend.CHUNK_ELEMENTS // (case.B * case.H * (case.P + case.Lk))))
     chunks = -(-case.Lq // rows_per_chunk)
     assert (chunks > 1) == (chunk_elements is not None)
     assert draws_saved == chunks  # forward only: the backward read the saved masks
-    assert spy.draws == 2 * chunks  # forward, then backward again after the saved masks were dropped
+    assert len(spy.ran) == 2 * chunks  # forward, then backward again after the saved masks were dropped
     assert torch.equal(out_saved, out_drawn)
     for name in saved:
         assert torch.equal(saved[name], drawn[name]), name
