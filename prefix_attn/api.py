@@ -5,15 +5,15 @@ import torch
 
 from prefix_attn import ops
 from prefix_attn.args import AttnArgs
-from prefix_attn.autograd import PrefixAttnFunction
+from prefix_attn.autograd import EagerPrefixAttnFunction, PrefixAttnFunction
 from prefix_attn.autograd import forward as attention_forward
 from prefix_attn.backend import resolve_backend
 from prefix_attn.checks import check_attention_inputs, check_row_offsets_fit_int32, default_scale
 
-# torch.autograd.Function.apply (Python) binds default arguments and unwraps functorch wrappers on
-# every call; outside functorch transforms its C implementation does the same work without them.
+# Up to torch 2.14 torch.autograd.Function.apply is a Python wrapper (functorch checks) around the C apply;
+# outside functorch transforms the C apply alone does the same work (from 2.15 on the two are one).
 _c_apply = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
-_apply_eager = _c_apply.__get__(None, PrefixAttnFunction) if _c_apply is not None else PrefixAttnFunction.apply
+_apply_eager = _c_apply.__get__(None, EagerPrefixAttnFunction) if _c_apply is not None else EagerPrefixAttnFunction.apply
 
 
 # Calls whose arguments were validated: signature -> (AttnDims, backend). A training step calls the op once per
