@@ -13,7 +13,8 @@ from prefix_attn.checks import check_attention_inputs, check_row_offsets_fit_int
 # Up to torch 2.14 torch.autograd.Function.apply is a Python wrapper (functorch checks) around the C apply;
 # outside functorch transforms the C apply alone does the same work (from 2.15 on the two are one).
 _c_apply = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
-_apply_eager = _c_apply.__get__(None, EagerPrefixAttnFunction) if _c_apply is not None else EagerPrefixAttnFunction.apply
+_apply_eager = (_c_apply.__get__(None, EagerPrefixAttnFunction) if _c_apply is not None
+                else EagerPrefixAttnFunction.apply)
 
 
 # Calls whose arguments were validated: signature -> (AttnDims, backend). A training step calls the op once per
