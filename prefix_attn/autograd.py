@@ -3,10 +3,9 @@
 Eager calls build an ``EagerPrefixAttnFunction`` node (an autograd.Function: the cheapest host path),
 calls under torch.func transforms a ``PrefixAttnFunction`` node (functorch needs the forward and the
 setup_context apart); while torch.compile traces, ``prefix_attn.ops`` exposes the op as two custom
-ops whose autograd formula is registered with the same ``save_context`` and
-``backward_from_context``: the saved
-tensors, the options kept and the backward are written once. In the compiled graph the backward
-runs as the opaque ``prefix_attn::attention_backward`` op (handed over by ops.py through the
+ops whose autograd formula is registered with the same ``save_context`` and ``backward_from_context``:
+the saved tensors, the options kept and the backward are written once. In the compiled graph the
+backward runs as the opaque ``prefix_attn::attention_backward`` op (handed over by ops.py through the
 context), eagerly as a direct call of the backend. Both draw the dropout RNG state the same way and
 call the same backend functions, so they give the same bits.
 """

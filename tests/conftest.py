@@ -7,11 +7,16 @@ from typing import Optional
 import numpy
 import pytest
 import torch
-import triton
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# One config per kernel: autotuning each test shape would compile every config (tests of the
+# other configs force them one by one).
+os.environ.setdefault("PREFIX_ATTN_AUTOTUNE", "0")
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 def _release(version: str) -> tuple:
@@ -34,15 +39,11 @@ def interpreter_release_conflict(triton_version: str, numpy_version: str) -> Opt
 
 def pytest_configure(config):
     if os.environ.get("TRITON_INTERPRET") == "1":
+        import triton  # after TRITON_INTERPRET is set
+
         conflict = interpreter_release_conflict(triton.__version__, numpy.__version__)
         if conflict is not None:
             raise pytest.UsageError(conflict)
-
-# One config per kernel: autotuning each test shape would compile every config (tests of the
-# other configs force them one by one).
-os.environ.setdefault("PREFIX_ATTN_AUTOTUNE", "0")
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 def pytest_collection_modifyitems(config, items):
