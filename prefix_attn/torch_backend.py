@@ -102,12 +102,13 @@ def _chunk_rows(dims: AttnDims) -> int:
     return max(1, min(dims.seqlen_q, CHUNK_ELEMENTS // per_row))
 
 
-# The forward's keep-masks, bit-packed, for the backward of the same call: id(rng_state) ->
-# {(seed, offset, dims, rows, dropout_p): packed bits}. An entry lives as long as the call's rng_state
-# tensor (which the autograd node saves for its backward), so it costs what a saved tensor of
-# B * H * Lq * (P + Lk) / 8 bytes would, and goes with the graph. The key holds everything the mask is
-# a function of, so a hit is the mask the backward would draw, bit for bit; a miss (another rng_state
-# tensor, e.g. through the custom op) draws it again.
+# What a dropout forward keeps for the backward of the same call: id(rng_state) -> {key: state}, with key
+# (seed, offset, mask shape, Lq, first row, dropout_p) (``_keep_key``). The chunked path keeps each chunk's
+# keep-mask bit-packed (B * H * c * (P + Lk) / 8 bytes); the CPU dropout path keeps its probabilities and
+# bool keep-mask under the key plus "probs" (``_probs_key``), popped by its backward. An entry lives as long
+# as the call's rng_state tensor (which the autograd node saves for its backward), so it goes with the
+# graph. The key holds everything the state is a function of, so a hit is what the backward would compute,
+# bit for bit; a miss (another rng_state tensor, e.g. through the custom op) computes it again.
 _SAVED_KEEP: dict = {}
 
 
