@@ -14,16 +14,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
     "auto" takes $PREFIX_ATTN_BACKEND when it is set, else triton on CUDA and torch elsewhere.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        override = os.environ.get(ENV_VAR, "")
-        if override:
-            if override not in ("triton", "torch"):
-                raise ValueError(f"${ENV_VAR} must be 'triton' or 'torch', got {override!r}")
-            backend = override
-        else:
-            backend = "triton" if device.type == "cuda" else "torch"
+        override = os.environ.get(ENV_VAR)
+        if not override:  # the usual case first: this runs once per layer call
+            return "triton" if device.type == "cuda" else "torch"
+        if override not in ("triton", "torch"):
+            raise ValueError(f"${ENV_VAR} must be 'triton' or 'torch', got {override!r}")
+        backend = override
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton":
         check_triton_device(device)
     return backend

@@ -11,7 +11,7 @@ for keys, P8 = P rounded up to 8 and G = P8 / 8 + ceil(Lk / 8). The Triton kerne
 backend both draw this mask, bit for bit, so the backward regenerates the forward's mask and the
 two backends agree under dropout.
 """
-import functools
+import sys
 from typing import Optional
 
 import numpy as np
@@ -81,45 +81,37 @@ def philox4x32(counter: torch.Tensor, seed: int):
     return c0, c1, c2, c3
 
 
-@functools.lru_cache(maxsize=64)
-def _round_keys(seed: int) -> tuple:
-    """The ten rounds' keys of philox4x32 for ``seed``, each a (2, 1) uint64 array (k1, k0) that XORs into the
-    (new c2, new c0) pair: cached because every layer call of a training step draws from its own seed
-    twice (forward and backward), and building them costs ten small NumPy allocations."""
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    keys = []
-    for _ in range(10):
-        keys.append(np.array([[k1], [k0]], dtype=np.uint64))
-        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
-        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return tuple(keys)
+# Word order of NumPy views that split a wider unsigned integer into halves: (low, high) in memory.
+_LOW, _HIGH = (0, 1) if sys.byteorder == "little" else (1, 0)
+_ROUNDS = np.arange(10, dtype=np.uint64)[:, None]
+_KEY_STEPS = np.array([_PHILOX_KEY_A, _PHILOX_KEY_B], dtype=np.uint64)
+_ROUND_FACTORS = np.array([[_PHILOX_ROUND_A], [_PHILOX_ROUND_B]], dtype=np.uint64)
 
 
-def _philox4x32_numpy(counter: np.ndarray, seed: int):
-    """philox4x32 for uint64 NumPy counters, returning the words r0, r2, r1, r3 as one (4, n) array.
+def _philox4x32_numpy(counter: np.ndarray, seed: int) -> np.ndarray:
+    """philox4x32 for uint64 NumPy counters: the words r0, r2, r1, r3 as one (4, n) uint32 array.
 
-    The CPU path: a NumPy op costs well under a microsecond of Python where a torch op costs several,
-    and one call runs about 50 of them. The round's two products are one (2, n) product (c0 times A,
-    c2 times B); reversed views (free in NumPy) swap the pairs between rounds. uint64 products wrap
-    modulo 2**64, so the high and low words are exact.
+    The CPU path, where the cost is the count of NumPy calls (about a microsecond each at training shapes),
+    not the arithmetic: three per round. The state is uint32 pairs (c0, c2) and (c1, c3); a round's two
+    32 x 32 -> 64-bit products are one uint64 (2, n) product, whose high and low words are read through a
+    uint32 view of it (no shift, no mask), reversed to swap the pairs. Products alternate between two
+    buffers, since a round reads the previous round's low words after writing its own product.
     """
-    mask32 = np.uint64(_MASK32)
-    factors = np.array([[_PHILOX_ROUND_A], [_PHILOX_ROUND_B]], dtype=np.uint64)
-    ca = np.empty((2, counter.size), dtype=np.uint64)  # (c0, c2)
-    cb = np.empty((2, counter.size), dtype=np.uint64)  # (c1, c3)
-    np.bitwise_and(counter, mask32, out=ca[0])
-    np.right_shift(counter, np.uint64(32), out=cb[0])
-    ca[1] = cb[1] = 0
-    buffers = [(np.empty_like(ca), np.empty_like(ca)) for _ in range(2)]
-    shift = np.uint64(32)
-    for r, keys in enumerate(_round_keys(seed)):
-        prod, low = buffers[r % 2]
-        np.multiply(ca, factors, out=prod)  # (c0 * A, c2 * B)
-        np.bitwise_and(prod, mask32, out=low)  # (new c3, new c1)
-        np.right_shift(prod, shift, out=prod)
-        prod ^= cb[::-1]  # (hi_a ^ c3, hi_b ^ c1)
-        prod ^= keys  # (new c2, new c0)
-        ca, cb = prod[::-1], low[::-1]
+    n = counter.size
+    words = counter.reshape(-1).view(np.uint32).reshape(n, 2)
+    ca = np.zeros((2, n), dtype=np.uint32)  # (c0, c2): the counter's low word, 0
+    cb = np.zeros((2, n), dtype=np.uint32)  # (c1, c3): its high word, 0
+    ca[0], cb[0] = words[:, _LOW], words[:, _HIGH]
+    # Round r's key (k0 + r * A, k1 + r * B) mod 2**32, as the (2, 1) column that XORs into (c0, c2).
+    keys = (_ROUNDS * _KEY_STEPS + np.array([seed & _MASK32, (seed >> 32) & _MASK32], dtype=np.uint64)).astype(
+        np.uint32)[:, :, None]
+    products = [np.empty((2, n), dtype=np.uint64) for _ in range(2)]
+    halves = [x.view(np.uint32).reshape(2, n, 2)[::-1] for x in products]  # (c2 * B, c0 * A) as (lo, hi)
+    for r in range(10):
+        np.multiply(ca, _ROUND_FACTORS, out=products[r % 2])  # (c0 * A, c2 * B)
+        np.bitwise_xor(halves[r % 2][:, :, _HIGH], cb, out=ca)  # (hi(c2 * B) ^ c1, hi(c0 * A) ^ c3)
+        ca ^= keys[r]  # the new (c0, c2)
+        cb = halves[r % 2][:, :, _LOW]  # the new (c1, c3) = (lo(c2 * B), lo(c0 * A))
     return np.concatenate([ca, cb])  # r0, r2, r1, r3
 
 
@@ -176,11 +168,11 @@ def _keep_numpy(seed: int, offset: int, rows_np: np.ndarray, n_groups: int, thre
     columns = np.arange(n_groups, dtype=np.uint64) + np.uint64(offset)
     for start in range(0, n_rows, step):
         block = slice(start, start + step)
-        counter = (rows_np[block, None] * np.uint64(n_groups) + columns).reshape(-1)
-        words = _philox4x32_numpy(counter, seed).reshape(4, -1, n_groups)  # (4, rows, groups)
-        out = keep_np[block].transpose(2, 3, 0, 1)  # (2, 4, rows, groups) view
-        np.greater_equal(words, np.uint64(threshold << 16), out=out[1])
-        np.greater_equal(words & np.uint64(0xFFFF), np.uint64(threshold), out=out[0])
+        counter = rows_np[block, None] * np.uint64(n_groups) + columns  # (rows, groups)
+        # Each word's (low, high) 16-bit halves, as (half, word, rows, groups): one comparison for the block.
+        halves = _philox4x32_numpy(counter, seed).view(np.uint16).reshape(4, -1, n_groups, 2)
+        halves = halves[..., [_LOW, _HIGH]] if _LOW else halves
+        np.greater_equal(halves.transpose(3, 0, 1, 2), np.uint16(threshold), out=keep_np[block].transpose(2, 3, 0, 1))
     return torch.from_numpy(keep_np)
 
 

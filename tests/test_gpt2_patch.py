@@ -164,8 +164,13 @@ def test_mask_function_registration_is_what_keeps_causality(monkeypatch):
 
 def test_mask_function_contract():
     mask = torch.ones(2, 5, dtype=torch.bool)
-    with HostSyncCounter() as syncs:  # a mask that pads nothing is handed over unread: no host sync
-        assert torch.equal(gpt2_integration.prefix_attn_mask(2, 5, 5, attention_mask=mask), mask)
+    with HostSyncCounter() as syncs:
+        # A CPU mask that pads nothing is read on the host (no sync) and dropped, once per forward.
+        assert gpt2_integration.prefix_attn_mask(2, 5, 5, attention_mask=mask) is None
+        # A mask on a device is handed over unread (reading it would be a host sync); meta stands in for CUDA.
+        on_device = torch.ones(2, 5, dtype=torch.bool, device="meta")
+        handed_over = gpt2_integration.prefix_attn_mask(2, 5, 5, attention_mask=on_device)
+        assert handed_over is not None and handed_over.shape == (2, 5) and handed_over.device == on_device.device
     assert syncs.count == 0
     mask[0, 0] = False
     assert torch.equal(gpt2_integration.prefix_attn_mask(2, 1, 5, attention_mask=mask), mask)

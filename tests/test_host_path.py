@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from prefix_attn.host_syncs import HostSyncCounter
 
@@ -271,3 +272,46 @@ def test_an_eager_call_binds_no_signature(monkeypatch):
         out.sum().backward()
     assert bound == []
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v, pk, pv))
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_cpu_decode_layer_call_is_two_fused_kernel_calls_and_a_merge(monkeypatch):
+    """A decode step of the native GPT-2 on CPU with nothing padded: the mask function drops the mask of ones
+    once per forward, and each layer call dispatches PyTorch's fused CPU kernel twice (own keys, prefix slots)
+    and the merge, with views around them: no masking, no dtype conversion, no copy. At these sizes a call's
+    host cost is its count of dispatched ops."""
+    import prefix_attn.integrations.hf_attention as hf_attention
+    from prefix_attn import PrefixTuning
+
+    calls = []
+    op = hf_attention.prefix_attn_func
+
+    def counted(*args, **kwargs):
+        with _OpNames() as ops:
+            out = op(*args, **kwargs)
+        calls.append((kwargs.get("attention_mask"), ops.names))
+        return out
+
+    monkeypatch.setattr(hf_attention, "prefix_attn_func", counted)
+    tuned = PrefixTuning(_tiny_gpt2(2), num_virtual_tokens=4).eval()
+    ids = torch.randint(1, 100, (3, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        past = tuned(ids, attention_mask=torch.ones(3, 6, dtype=torch.long), use_cache=True).past_key_values
+        calls.clear()
+        tuned(ids[:, -1:], attention_mask=torch.ones(3, 7, dtype=torch.long), past_key_values=past, use_cache=True)
+    assert len(calls) == 2
+    merge = {"sub", "sigmoid_", "unsqueeze_", "lerp_", "logaddexp"}
+    for mask, names in calls:
+        assert mask is None
+        assert names.count("_scaled_dot_product_flash_attention_for_cpu") == 2, names
+        assert set(names) <= merge | {"_scaled_dot_product_flash_attention_for_cpu", "transpose", "as_strided"}, names
+        assert len(names) <= 13, names

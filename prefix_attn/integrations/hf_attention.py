@@ -50,6 +50,7 @@ sequences and added mask functions.
 The name holds no "flash" (transformers would try to load flash-attn) and no "/" (it would be taken
 for a hub kernel).
 """
+import weakref
 from typing import Optional
 
 import torch
@@ -59,6 +60,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from prefix_attn import prefix_attn_func
 from prefix_attn.integrations._traced_masks import assert_plain_causal_on_device
 from prefix_attn.integrations._versions import check_transformers_version
+from prefix_attn.torch_backend import lets_every_key_through
 
 ATTN_IMPLEMENTATION = "prefix_attn"
 
@@ -119,14 +121,16 @@ def prefix_attn_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         key, value = filled_slots(key, value, attention_mask.shape[-1])
     prefix_k = prefix_v = None
     if prefix_kv is not None:
-        n_layer = module.config.num_hidden_layers
+        n_layer = _num_layers(module)
         if len(prefix_kv) != n_layer:
             raise ValueError(f"prefix_kv must hold (k, v) for each of the model's {n_layer} layers, got "
                              f"{len(prefix_kv)}")
         prefix_k, prefix_v = prefix_kv[module.layer_idx]
         # Under autocast q is in the autocast dtype while a stored prefix may be float32: compute in
-        # q's dtype, as autocast would for the [prefix; keys] matmul (a no-op without autocast).
-        prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
+        # q's dtype, as autocast would for the [prefix; keys] matmul (skipped when the dtypes agree: a
+        # no-op .to() still costs a dispatch per layer call).
+        if prefix_k.dtype != query.dtype or prefix_v.dtype != query.dtype:
+            prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
     elif prefix_idx is not None:
         raise ValueError("prefix_idx was given without prefix_kv")
     out = prefix_attn_func(
@@ -134,6 +138,20 @@ def prefix_attn_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         prefix_idx=prefix_idx, attention_mask=attention_mask, causal=True, softmax_scale=scaling,
         dropout_p=dropout, backend="auto")
     return out, None
+
+
+# Attention layer -> its model's number of layers, read from the config once per layer module (a
+# transformers config attribute costs microseconds, and the check runs on every layer call).
+_NUM_LAYERS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
+def _num_layers(module: torch.nn.Module) -> int:
+    if torch.compiler.is_compiling():  # traced once; dynamo need not follow the weak mapping
+        return module.config.num_hidden_layers
+    n_layer = _NUM_LAYERS.get(module)
+    if n_layer is None:
+        n_layer = _NUM_LAYERS[module] = module.config.num_hidden_layers
+    return n_layer
 
 
 def filled_slots(key: torch.Tensor, value: torch.Tensor, n_filled: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,9 +247,9 @@ def prefix_attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
         attention_mask: None or the 2-D (B, n) bool padding mask.
         kwargs: the rest transformers passes (device, dtype, config, ...); ``device`` is used.
     Returns:
-        Without a static cache, the (B, kv_length) bool padding mask (None when transformers gives
-        none; a mask that pads nothing is handed over as it is, without reading it, so no host
-        sync); causality is applied by the kernel. With a static cache, the mask of ``static_cache_mask``.
+        Without a static cache, the (B, kv_length) bool padding mask, or None when transformers gives
+        none or a CPU mask pads nothing (read on the host once per forward; a mask on a device is
+        handed over as it is, unread: no host sync); causality is applied by the kernel. With a static cache, the mask of ``static_cache_mask``.
     Raises:
         ValueError for masks it cannot express as causal + padding (packed sequences, added mask
         functions), for a mask shorter than the keys of a cache that is not a StaticCache, and see
@@ -267,9 +285,10 @@ def prefix_attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
             f"attn_implementation={ATTN_IMPLEMENTATION!r} needs a mask over every cached key, or, with transformers' "
             "StaticCache, one over the positions filled so far as generate() passes it (in static caches mask column "
             "j is cache slot j); other static caches are not supported")
-    # Handed over as it is, also when nothing is padded: finding that out (attention_mask.all()) would
-    # read the device once per forward, a host sync; the kernels read the mask at little cost.
-    return attention_mask
+    # A CPU mask that pads nothing is read here once per forward and dropped, rather than by the op in every
+    # layer. A mask on a device is handed over as it is, also when nothing is padded: finding that out
+    # (attention_mask.all()) would be a host sync; the kernels read the mask at little cost.
+    return None if lets_every_key_through(attention_mask) else attention_mask
 
 
 def register_prefix_attn() -> str:
