@@ -14,9 +14,10 @@ registered implementation: transformers accepts every name of AttentionInterface
   prefix_attn.integrations._routing), and returns (out (B, Lq, H, D), None). Prefix keys are used
   as given, never rotated, as PEFT's prefix in the cache is;
 - the mask function ``prefix_attn_mask`` (AttentionMaskInterface): it hands over the 2-D (B, Lk)
-  padding mask, or None when nothing is padded, and leaves causality to the kernel (bottom-right
-  aligned, so training, prefill and cached decoding alike). Without a registered mask function
-  transformers silently builds no mask for a custom name, losing causality and padding.
+  padding mask (None when there is none, or when a CPU mask pads nothing; a mask on a device is
+  handed over unread, as reading it would be a host sync), and leaves causality to the kernel
+  (bottom-right aligned, so training, prefill and cached decoding alike). Without a registered mask
+  function transformers silently builds no mask for a custom name, losing causality and padding.
 
 Static (preallocated) caches, ``generate(..., cache_implementation="static")`` or a ``StaticCache``:
 the layers hand the attention function keys and values of the whole buffer, max_cache_len slots of
@@ -249,7 +250,8 @@ def prefix_attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
     Returns:
         Without a static cache, the (B, kv_length) bool padding mask, or None when transformers gives
         none or a CPU mask pads nothing (read on the host once per forward; a mask on a device is
-        handed over as it is, unread: no host sync); causality is applied by the kernel. With a static cache, the mask of ``static_cache_mask``.
+        handed over as it is, unread: no host sync); causality is applied by the kernel. With a static
+        cache, the mask of ``static_cache_mask``.
     Raises:
         ValueError for masks it cannot express as causal + padding (packed sequences, added mask
         functions), for a mask shorter than the keys of a cache that is not a StaticCache, and see
