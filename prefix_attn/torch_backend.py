@@ -357,10 +357,8 @@ def _merge(own_out, own_lse, o_pre, lse_pre):
     own key: lse -inf), computed in fp32 and in place in o_pre (a copy for half-precision inputs). Every
     row of a part sees a prefix slot, so lse_pre and the merged lse are finite."""
     own_weight = torch.sub(own_lse, lse_pre).sigmoid_().unsqueeze_(-1)
-    if own_out.dtype == torch.float32:  # the usual case, without the dtype round trips (a dispatch each)
-        return o_pre.lerp_(own_out, own_weight), torch.logaddexp(own_lse, lse_pre)
-    out = o_pre.float().lerp_(own_out.float(), own_weight)
-    return out.to(own_out.dtype), torch.logaddexp(own_lse, lse_pre)
+    out = _as(o_pre, torch.float32).lerp_(_as(own_out, torch.float32), own_weight)
+    return _as(out, own_out.dtype), torch.logaddexp(own_lse, lse_pre)
 
 
 def _backward_fused_cpu(dout, q, k, v, out, lse, prefix_k, prefix_v, parts, key_ok, causal, scale, dims: AttnDims):
