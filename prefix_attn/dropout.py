@@ -83,8 +83,6 @@ def philox4x32(counter: torch.Tensor, seed: int):
 
 # Word order of NumPy views that split a wider unsigned integer into halves: (low, high) in memory.
 _LOW, _HIGH = (0, 1) if sys.byteorder == "little" else (1, 0)
-_ROUNDS = np.arange(10, dtype=np.uint64)[:, None]
-_KEY_STEPS = np.array([_PHILOX_KEY_A, _PHILOX_KEY_B], dtype=np.uint64)
 _ROUND_FACTORS = np.array([[_PHILOX_ROUND_A], [_PHILOX_ROUND_B]], dtype=np.uint64)
 
 
@@ -102,9 +100,11 @@ def _philox4x32_numpy(counter: np.ndarray, seed: int) -> np.ndarray:
     ca = np.zeros((2, n), dtype=np.uint32)  # (c0, c2): the counter's low word, 0
     cb = np.zeros((2, n), dtype=np.uint32)  # (c1, c3): its high word, 0
     ca[0], cb[0] = words[:, _LOW], words[:, _HIGH]
-    # Round r's key (k0 + r * A, k1 + r * B) mod 2**32, as the (2, 1) column that XORs into (c0, c2).
-    keys = (_ROUNDS * _KEY_STEPS + np.array([seed & _MASK32, (seed >> 32) & _MASK32], dtype=np.uint64)).astype(
-        np.uint32)[:, :, None]
+    # Round r's key (k0 + r * A, k1 + r * B) mod 2**32, as the (2, 1) column that XORs into (c0, c2): Python
+    # ints, one NumPy call.
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    keys = np.array([((k0 + r * _PHILOX_KEY_A) & _MASK32, (k1 + r * _PHILOX_KEY_B) & _MASK32) for r in range(10)],
+                    dtype=np.uint32)[:, :, None]
     products = [np.empty((2, n), dtype=np.uint64) for _ in range(2)]
     halves = [x.view(np.uint32).reshape(2, n, 2)[::-1] for x in products]  # (c2 * B, c0 * A) as (lo, hi)
     for r in range(10):
@@ -160,15 +160,23 @@ def _keep_columns(keep: torch.Tensor, n_prefix: int, n_keys: int) -> torch.Tenso
     return torch.cat([keep[:, :n_prefix], keep[:, prefix8:prefix8 + n_keys]], dim=1)
 
 
-def _keep_numpy(seed: int, offset: int, rows_np: np.ndarray, n_groups: int, threshold: int) -> torch.Tensor:
-    """The NumPy draw of keep_mask_rows: (rows, groups, 2, 4) bool (a CPU tensor) for uint64 row numbers."""
-    n_rows = rows_np.size
+def _keep_numpy(seed: int, offset: int, rows_np: Optional[np.ndarray], n_groups: int, threshold: int,
+                n_rows: Optional[int] = None) -> torch.Tensor:
+    """The NumPy draw of keep_mask_rows: (rows, groups, 2, 4) bool (a CPU tensor) for uint64 row numbers, or,
+    with rows_np None, for rows 0 .. n_rows - 1, whose counters are consecutive (one NumPy call per block:
+    at small shapes the count of NumPy calls is the cost)."""
+    if rows_np is not None:
+        n_rows = rows_np.size
+        columns = np.arange(n_groups, dtype=np.uint64) + np.uint64(offset)
     step = max(1, BLOCK_COUNTERS // n_groups)
     keep_np = np.empty((n_rows, n_groups, 2, 4), dtype=np.bool_)
-    columns = np.arange(n_groups, dtype=np.uint64) + np.uint64(offset)
     for start in range(0, n_rows, step):
         block = slice(start, start + step)
-        counter = rows_np[block, None] * np.uint64(n_groups) + columns  # (rows, groups)
+        if rows_np is None:
+            stop = min(start + step, n_rows)
+            counter = np.arange(offset + start * n_groups, offset + stop * n_groups, dtype=np.uint64)
+        else:
+            counter = rows_np[block, None] * np.uint64(n_groups) + columns  # (rows, groups)
         # Each word's (low, high) 16-bit halves, as (half, word, rows, groups): one comparison for the block.
         halves = _philox4x32_numpy(counter, seed).view(np.uint16).reshape(4, -1, n_groups, 2)
         halves = halves[..., [_LOW, _HIGH]] if _LOW else halves
@@ -190,9 +198,12 @@ def keep_mask_grid(seed: int, offset: int, n_heads_total: int, seqlen_q: int, ro
         flat = (torch.arange(n_heads_total, device=device)[:, None] * seqlen_q + i[None, :]).flatten()
         return keep_mask_rows(seed, offset, flat, n_prefix, n_keys, dropout_p).view(n_heads_total, c, -1)
     n_groups = groups_per_row(n_prefix, n_keys)
-    rows_np = (np.arange(n_heads_total, dtype=np.uint64)[:, None] * np.uint64(seqlen_q)
-               + np.arange(rows.start, rows.stop, dtype=np.uint64)).reshape(-1)
-    keep = _keep_numpy(seed, offset, rows_np, n_groups, keep_threshold(dropout_p))
+    if c == seqlen_q:  # every row: flattened rows 0 .. n_heads_total * seqlen_q - 1
+        keep = _keep_numpy(seed, offset, None, n_groups, keep_threshold(dropout_p), n_heads_total * seqlen_q)
+    else:
+        rows_np = (np.arange(n_heads_total, dtype=np.uint64)[:, None] * np.uint64(seqlen_q)
+                   + np.arange(rows.start, rows.stop, dtype=np.uint64)).reshape(-1)
+        keep = _keep_numpy(seed, offset, rows_np, n_groups, keep_threshold(dropout_p))
     return _keep_columns(keep.view(-1, 8 * n_groups), n_prefix, n_keys).view(n_heads_total, c, -1)
 
 

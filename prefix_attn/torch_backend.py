@@ -2,10 +2,11 @@
 
 Same contract and same numerics as the Triton backend (fp32 math, the same dropout mask bit for
 bit), forward and backward written out explicitly so that both backends share one autograd and
-custom-op path. It never builds the batch-expanded prefix: prefix scores come from GEMMs against
-the (P, Hkv, D) block (or the fused CPU kernel reads it with batch stride 0), and a bank is handled
-task by task over the rows that use each task. The one batch-sized prefix tensor is a gradient: the
-fused CPU backward returns the prefix's per batch row, summed at once (see below).
+custom-op path. It keeps no batch-expanded prefix: prefix scores come from GEMMs against the
+(P, Hkv, D) block (or the fused CPU kernel reads it with batch stride 0), and a bank is handled task
+by task over the rows that use each task. Batch-sized prefix tensors exist only within a call: the
+CPU backward paths return the prefix gradient per batch row, summed at once, and the CPU dropout
+path builds [prefix; keys] for its GEMMs (see below).
 
 Grouped KV heads (k, v, prefix with Hkv heads, H = Hkv * G query heads; query head h reads KV head
 h // G): KV heads are never expanded. The G query heads of a KV head are laid out as G * rows of
@@ -24,10 +25,14 @@ Three paths:
   its dK and dV) and is summed in fp32. Few, large ops: at small shapes a call's cost is its count of
   dispatched ops.
 - CPU tensors with dropout, a shared prefix (no bank, no prefix_lens), equal heads and one query chunk
-  (GPT-2's training call): one softmax over [prefix; keys] (the prefix's scores from a GEMM against the
-  (H, P, D) block), the keep-mask the kernels' Philox mask bit for bit, and the forward's probabilities
-  and keep-mask kept for the backward (as SDPA's math path keeps its own; ``_SAVED_KEEP``), so the
-  backward does not compute the scores again.
+  (GPT-2's training call): one softmax over [prefix; keys], the keep-mask the kernels' Philox mask bit
+  for bit, and the forward's probabilities and keep-mask kept for the backward (as SDPA's math path
+  keeps its own; ``_SAVED_KEEP``), so the backward does not compute the scores again. Each GEMM runs
+  over [prefix; keys] (or [prefix; values]), built for that GEMM and dropped after it: one at a time,
+  where SDPA over the concatenation keeps both from forward to backward, so the peak stays at or below
+  SDPA's (tests/test_torch_backend_dropout_cpu.py). Separate GEMMs against the prefix block and the
+  keys cost a GEMM, a concatenation of scores and an add more per product: about 10% of a GPT-2
+  training call at the quick sweep's CPU shape.
 - Otherwise (other dropout calls; CUDA tensors; double backward), scores of [prefix; keys] are
   materialised for query chunks that stay within ``CHUNK_ELEMENTS``. On CPU the forward keeps each
   chunk's dropout keep-mask bit-packed for the backward (``_SAVED_KEEP``: 1/32 of a chunk's fp32
@@ -411,14 +416,19 @@ def _causal_bias(seqlen_q: int, seqlen_k: int, n_prefix: int) -> torch.Tensor:
     return torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
 
 
-def _dropout_cpu_probs(q, k, prefix_k, key_ok, causal, scale, dims: AttnDims):
-    """fp32 q (B, Lq, H, D), k (B, Lk, H, D), prefix_k (P, H, D) -> (p (B, H, Lq, P + Lk), lse (B, H, Lq)). Every
-    row sees the P prefix slots, so none is empty and one softmax gives p; lse = max - log(max p)."""
-    B, Lq, H, D = q.shape
-    P = dims.prefix_len
-    s_pre = torch.bmm(q.reshape(B * Lq, H, D).transpose(0, 1), prefix_k.permute(1, 2, 0))  # (H, B * Lq, P)
-    s = torch.cat([s_pre.view(H, B, Lq, P).transpose(0, 1), torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1))],
-                  dim=-1)
+def _with_prefix(prefix_x, x):
+    """[prefix; x] (B, H, P + Lk, D) fp32, contiguous, of a shared prefix (P, H, D) and x (B, Lk, H, D): built
+    for the call only (see the module docstring), so that scores, outputs and each gradient are one GEMM;
+    in this layout the GEMMs read it (or its transpose) in place."""
+    both = torch.cat([prefix_x.transpose(0, 1).expand(x.shape[0], -1, -1, -1), x.transpose(1, 2)], 2)
+    return _as(both, torch.float32)
+
+
+def _dropout_cpu_probs(q, kk, key_ok, causal, scale, dims: AttnDims):
+    """fp32 q (B, Lq, H, D), kk = [prefix; keys] (B, H, P + Lk, D) -> (p (B, H, Lq, P + Lk), lse (B, H, Lq)).
+    Every row sees the P prefix slots, so none is empty and one softmax gives p; lse = max - log(max p)."""
+    Lq, P = q.shape[1], dims.prefix_len
+    s = torch.matmul(q.transpose(1, 2), kk.transpose(-1, -2))
     s = torch.add(_causal_bias(Lq, dims.seqlen_k, P), s, alpha=scale) if causal else s.mul_(scale)
     if key_ok is not None:
         s.add_(torch.nn.functional.pad(torch.where(key_ok, 0.0, float("-inf")), (P, 0))[:, None, None, :])
@@ -427,19 +437,12 @@ def _dropout_cpu_probs(q, k, prefix_k, key_ok, causal, scale, dims: AttnDims):
 
 
 def _forward_dropout_cpu(q, k, v, prefix_k, prefix_v, key_ok, causal, scale, dropout_p, rng, dims: AttnDims):
-    B, Lq, H, D = q.shape
-    P = dims.prefix_len
-    qf, kf, vf, pkf, pvf = (_as(x, torch.float32) for x in (q, k, v, prefix_k, prefix_v))
-    p, lse = _dropout_cpu_probs(qf, kf, pkf, key_ok, causal, scale, dims)
-    rows = slice(0, Lq)
+    p, lse = _dropout_cpu_probs(_as(q, torch.float32), _with_prefix(prefix_k, k), key_ok, causal, scale, dims)
     # Kept unpacked with p (1.25x a score-sized fp32 tensor where SDPA's math path keeps 2.25x: its softmax
     # output, the dropped probabilities and its bool mask); the chunked backward, if it runs, draws it again.
-    keep = _keep(rng, dropout_p, dims, rows, save=False)
+    keep = _keep(rng, dropout_p, dims, slice(0, dims.seqlen_q), save=False)
     _saved_for(rng)[_probs_key(rng, dropout_p, dims)] = (p, keep)
-    p_kept = p * keep
-    o = torch.matmul(p_kept[..., P:], vf.transpose(1, 2))
-    o_pre = torch.bmm(p_kept[..., :P].transpose(0, 1).reshape(H, B * Lq, P), pvf.transpose(0, 1))  # (H, B * Lq, D)
-    o.add_(o_pre.view(H, B, Lq, D).transpose(0, 1)).mul_(keep_scale(dropout_p))
+    o = torch.matmul(p * keep, _with_prefix(prefix_v, v)).mul_(keep_scale(dropout_p))
     return _as(o.transpose(1, 2).contiguous(), q.dtype), lse
 
 
@@ -451,36 +454,41 @@ def _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, key_ok, 
                           dims: AttnDims):
     """The gradients from the forward's p and keep-mask, taken out of _SAVED_KEEP (p is overwritten here; a second
     backward of a retained graph, the custom op's rng_state, or a cleared _SAVED_KEEP compute both again by the
-    forward's ops: the same bits)."""
-    B, Lq, H, D = q.shape
-    P = dims.prefix_len
-    qf, kf, vf, pkf, pvf, dof, of = (_as(x, torch.float32) for x in (q, k, v, prefix_k, prefix_v, dout, out))
-    saved = _SAVED_KEEP.get(id(rng), {}).pop(_probs_key(rng, dropout_p, dims), None)
-    if saved is None:
-        saved = _dropout_cpu_probs(qf, kf, pkf, key_ok, causal, scale, dims)[0], _keep(
-            rng, dropout_p, dims, slice(0, Lq), save=False)
-    p, keep = saved
+    forward's ops: the same bits). Each buffer is dropped once used: the peak stays below SDPA's backward."""
+    qf, dof, of = (_as(x, torch.float32) for x in (q, dout, out))
+    p, keep = _saved_probs(qf, k, prefix_k, key_ok, causal, scale, dropout_p, rng, dims)
     # keep_scale folded into dout: dV = (p * keep)^T (dout * s), dP = ((dout * s) V^T) * keep.
     do_s = dof.transpose(1, 2) * keep_scale(dropout_p)  # (B, H, Lq, D)
-    delta = (dof * of).sum(-1).transpose(1, 2)  # (B, H, Lq)
+    delta = torch.linalg.vecdot(dof, of).transpose(1, 2)  # (B, H, Lq)
     if dlse is not None:
         delta = delta - dlse.float()
-    do_h = do_s.transpose(0, 1).reshape(H, B * Lq, D)
-    dp = torch.cat([torch.bmm(do_h, pvf.permute(1, 2, 0)).view(H, B, Lq, P).transpose(0, 1),
-                    torch.matmul(do_s, vf.permute(0, 2, 3, 1))], dim=-1)
-    # dS = p * (dP * keep - delta), times the softmax scale that dQ, dK and dprefix_k all carry; then p becomes
-    # p * keep in place (no third score-sized buffer).
-    ds = dp.mul_(keep).sub_(delta[..., None]).mul_(p).mul_(scale)
-    p_kept = p.mul_(keep)
-    ds_pre = ds[..., :P].transpose(0, 1).reshape(H, B * Lq, P)
-    dq = torch.matmul(ds[..., P:], kf.transpose(1, 2))
-    dq.add_(torch.bmm(ds_pre, pkf.transpose(0, 1)).view(H, B, Lq, D).transpose(0, 1))
-    dk = torch.matmul(ds[..., P:].transpose(-1, -2), qf.transpose(1, 2))
-    dv = torch.matmul(p_kept[..., P:].transpose(-1, -2), do_s)
-    dpk = torch.bmm(ds_pre.transpose(1, 2), qf.reshape(B * Lq, H, D).transpose(0, 1))  # (H, P, D)
-    dpv = torch.bmm(p_kept[..., :P].transpose(0, 1).reshape(H, B * Lq, P).transpose(1, 2), do_h)
-    return tuple(_as(g.transpose(*dims_).contiguous(), x.dtype) for g, x, dims_ in (
-        (dq, q, (1, 2)), (dk, k, (1, 2)), (dv, v, (1, 2)), (dpk, prefix_k, (0, 1)), (dpv, prefix_v, (0, 1))))
+    # dS = p * (dP * keep - delta), times the softmax scale that dQ and d[prefix_k; k] both carry.
+    ds = torch.matmul(do_s, _with_prefix(prefix_v, v).transpose(-1, -2))
+    ds.mul_(keep).sub_(delta[..., None]).mul_(p).mul_(scale)
+    dq = _as(torch.matmul(ds, _with_prefix(prefix_k, k)).transpose(1, 2).contiguous(), q.dtype)
+    dk, dpk = _own_and_prefix_grads(torch.matmul(ds.transpose(-1, -2), qf.transpose(1, 2)), k, prefix_k)
+    del ds
+    # p becomes p * keep in place: no third score-sized buffer.
+    dv, dpv = _own_and_prefix_grads(torch.matmul(p.mul_(keep).transpose(-1, -2), do_s), v, prefix_v)
+    return dq, dk, dv, dpk, dpv
+
+
+def _saved_probs(qf, k, prefix_k, key_ok, causal, scale, dropout_p, rng, dims: AttnDims):
+    """(p, keep) of the forward, popped from _SAVED_KEEP, or computed again when it is not there."""
+    saved = _SAVED_KEEP.get(id(rng), {}).pop(_probs_key(rng, dropout_p, dims), None)
+    if saved is not None:
+        return saved
+    return (_dropout_cpu_probs(qf, _with_prefix(prefix_k, k), key_ok, causal, scale, dims)[0],
+            _keep(rng, dropout_p, dims, slice(0, dims.seqlen_q), save=False))
+
+
+def _own_and_prefix_grads(d_all, x, prefix_x):
+    """d[prefix; x] (B, H, P + Lk, D) fp32 -> (dx (B, Lk, H, D), dprefix (P, H, D) summed over the batch), each
+    contiguous in its input's dtype. The batch-sized prefix rows are what SDPA over the concatenation holds
+    in its dK and dV."""
+    P = prefix_x.shape[0]
+    return (_as(d_all[:, :, P:].transpose(1, 2).contiguous(), x.dtype),
+            _as(d_all[:, :, :P].sum(0).transpose(0, 1).contiguous(), prefix_x.dtype))
 
 
 def _accumulate(total, x):

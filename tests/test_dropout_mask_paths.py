@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prefix_attn import dropout
-from prefix_attn.dropout import dropout_keep_mask, keep_mask_rows
+from prefix_attn.dropout import dropout_keep_mask, keep_mask_grid, keep_mask_rows
 from prefix_attn.triton_launch import dropout_keep_mask_triton
 
 SHAPES = [(2, 3, 5, 10, 13), (1, 1, 7, 0, 9), (2, 2, 4, 33, 1), (1, 2, 3, 16, 64), (3, 2, 9, 5, 40)]
@@ -48,3 +48,14 @@ def test_thresholds(p):
     kernel = dropout_keep_mask_triton(rng, B, H, Lq, P, Lk, p)
     for use_numpy in (True, False):
         assert torch.equal(_rows_mask(use_numpy, 123456789, 42, (B, H, Lq, P, Lk), p), kernel)
+
+
+@pytest.mark.parametrize("rows", [slice(0, 7), slice(2, 5)])
+def test_grid_of_every_row_or_a_chunk_equals_the_kernel_mask(rows):
+    """keep_mask_grid, the torch backend's draw: every query row (consecutive counters, drawn from one range)
+    or a chunk of rows (counters per row) gives the kernels' bits, with offsets near 2**62."""
+    B, H, Lq, P, Lk = 2, 3, 7, 5, 19
+    for seed, offset in ((5, 0), (2**62 - 3, 2**62 - 10**6)):
+        kernel = dropout_keep_mask_triton(torch.tensor([seed, offset]), B, H, Lq, P, Lk, 0.3)
+        grid = keep_mask_grid(seed, offset, B * H, Lq, rows, P, Lk, 0.3, torch.device("cpu"))
+        assert torch.equal(grid, kernel.reshape(B * H, Lq, P + Lk)[:, rows]), (seed, rows)
