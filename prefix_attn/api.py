@@ -90,10 +90,11 @@ def prefix_attn_func(
     prefix, shared by the batch) and to its own sequence's keys. Neither the batch-expanded prefix
     nor [prefix; keys] is ever materialised, forward or backward; the gradient of the prefix is
     reduced over the batch (per task for a bank) inside the op, and the gradients of k, v and the
-    prefix over each group of query heads. (One exception, CPU only: the torch backend's backward
-    without dropout takes the prefix gradient per batch row, (B, kv_heads, P, head_dim) for K and V,
-    from PyTorch's fused CPU kernel and sums it at once; SDPA over the concatenation holds that much
-    and more, as part of its dK and dV.)
+    prefix over each group of query heads. (Exceptions, CPU tensors and the torch backend only, each
+    within one call and below what SDPA over the concatenation holds: its backward takes the prefix
+    gradient per batch row, (B, kv_heads, P, head_dim) for K and V, and sums it at once; with dropout,
+    a shared prefix and equal heads, each GEMM runs over [prefix; keys] or [prefix; values], built for
+    that GEMM and dropped after it.)
 
     Args:
         q: (batch, seqlen_q, heads, head_dim). Query i sits at key position seqlen_k - seqlen_q + i
