@@ -50,10 +50,14 @@ def test_thresholds(p):
         assert torch.equal(_rows_mask(use_numpy, 123456789, 42, (B, H, Lq, P, Lk), p), kernel)
 
 
+@pytest.mark.parametrize("block", [None, 1, 17])  # rows per block: all, 1, 4 (42 rows: a partial last block)
 @pytest.mark.parametrize("rows", [slice(0, 7), slice(2, 5)])
-def test_grid_of_every_row_or_a_chunk_equals_the_kernel_mask(rows):
-    """keep_mask_grid, the torch backend's draw: every query row (consecutive counters, drawn from one range)
-    or a chunk of rows (counters per row) gives the kernels' bits, with offsets near 2**62."""
+def test_grid_of_every_row_or_a_chunk_equals_the_kernel_mask(monkeypatch, rows, block):
+    """keep_mask_grid, the torch backend's draw: every query row (consecutive counters, drawn from one range
+    per block) or a chunk of rows (counters per row) gives the kernels' bits, with offsets near 2**62 and
+    block boundaries anywhere (one row per block, a partial last block)."""
+    if block is not None:
+        monkeypatch.setattr(dropout, "BLOCK_COUNTERS", block)
     B, H, Lq, P, Lk = 2, 3, 7, 5, 19
     for seed, offset in ((5, 0), (2**62 - 3, 2**62 - 10**6)):
         kernel = dropout_keep_mask_triton(torch.tensor([seed, offset]), B, H, Lq, P, Lk, 0.3)
