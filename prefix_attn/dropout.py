@@ -138,7 +138,8 @@ def keep_mask_rows(seed: int, offset: int, rows: torch.Tensor, n_prefix: int, n_
     # exactly when the word is >= t * 2**16.
     step = max(1, BLOCK_COUNTERS // n_groups)
     if use_numpy:
-        keep = _keep_numpy(seed, offset, rows.cpu().numpy().astype(np.uint64), n_groups, threshold).to(rows.device)
+        keep = _keep_numpy(seed, offset, n_rows, n_groups, threshold, rows.cpu().numpy().astype(np.uint64)).to(
+            rows.device)
     else:
         keep = torch.empty((n_rows, n_groups, 2, 4), dtype=torch.bool, device=rows.device)
         columns = torch.arange(offset, offset + n_groups, device=rows.device)
@@ -160,13 +161,12 @@ def _keep_columns(keep: torch.Tensor, n_prefix: int, n_keys: int) -> torch.Tenso
     return torch.cat([keep[:, :n_prefix], keep[:, prefix8:prefix8 + n_keys]], dim=1)
 
 
-def _keep_numpy(seed: int, offset: int, rows_np: Optional[np.ndarray], n_groups: int, threshold: int,
-                n_rows: Optional[int] = None) -> torch.Tensor:
-    """The NumPy draw of keep_mask_rows: (rows, groups, 2, 4) bool (a CPU tensor) for uint64 row numbers, or,
-    with rows_np None, for rows 0 .. n_rows - 1, whose counters are consecutive (one NumPy call per block:
-    at small shapes the count of NumPy calls is the cost)."""
+def _keep_numpy(seed: int, offset: int, n_rows: int, n_groups: int, threshold: int,
+                rows_np: Optional[np.ndarray] = None) -> torch.Tensor:
+    """The NumPy draw of keep_mask_rows: (n_rows, groups, 2, 4) bool (a CPU tensor) for the n_rows uint64 row
+    numbers rows_np, or, with rows_np None, for rows 0 .. n_rows - 1, whose counters are consecutive (one
+    NumPy call per block: at small shapes the count of NumPy calls is the cost)."""
     if rows_np is not None:
-        n_rows = rows_np.size
         columns = np.arange(n_groups, dtype=np.uint64) + np.uint64(offset)
     step = max(1, BLOCK_COUNTERS // n_groups)
     keep_np = np.empty((n_rows, n_groups, 2, 4), dtype=np.bool_)
@@ -199,11 +199,11 @@ def keep_mask_grid(seed: int, offset: int, n_heads_total: int, seqlen_q: int, ro
         return keep_mask_rows(seed, offset, flat, n_prefix, n_keys, dropout_p).view(n_heads_total, c, -1)
     n_groups = groups_per_row(n_prefix, n_keys)
     if c == seqlen_q:  # every row: flattened rows 0 .. n_heads_total * seqlen_q - 1
-        keep = _keep_numpy(seed, offset, None, n_groups, keep_threshold(dropout_p), n_heads_total * seqlen_q)
+        keep = _keep_numpy(seed, offset, n_heads_total * seqlen_q, n_groups, keep_threshold(dropout_p))
     else:
         rows_np = (np.arange(n_heads_total, dtype=np.uint64)[:, None] * np.uint64(seqlen_q)
                    + np.arange(rows.start, rows.stop, dtype=np.uint64)).reshape(-1)
-        keep = _keep_numpy(seed, offset, rows_np, n_groups, keep_threshold(dropout_p))
+        keep = _keep_numpy(seed, offset, rows_np.size, n_groups, keep_threshold(dropout_p), rows_np)
     return _keep_columns(keep.view(-1, 8 * n_groups), n_prefix, n_keys).view(n_heads_total, c, -1)
 
 
