@@ -17,6 +17,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from prefix_attn import keep_mask_cpu
+
 _MASK32 = 0xFFFFFFFF
 _PHILOX_KEY_A = 0x9E3779B9
 _PHILOX_KEY_B = 0xBB67AE85
@@ -189,14 +191,25 @@ def keep_mask_grid(seed: int, offset: int, n_heads_total: int, seqlen_q: int, ro
     """Keep-mask (n_heads_total, len(rows), n_prefix + n_keys) of query rows ``rows`` of every (batch, head):
     keep_mask_rows of the flattened rows (b * H + h) * seqlen_q + i, i in rows (n_heads_total = B * H).
 
-    On CPU the row numbers are built in NumPy: no torch op before the draw (a torch op costs several
-    microseconds of dispatch, and the draw runs once in forward and again in backward per layer).
+    On CPU the mask is drawn in C (prefix_attn/keep_mask_cpu.c), or, where that cannot be built, with NumPy
+    (keep_mask_grid_numpy): the same bits.
     """
     c = rows.stop - rows.start
     if torch.device(device).type != "cpu":
         i = torch.arange(rows.start, rows.stop, device=device)
         flat = (torch.arange(n_heads_total, device=device)[:, None] * seqlen_q + i[None, :]).flatten()
         return keep_mask_rows(seed, offset, flat, n_prefix, n_keys, dropout_p).view(n_heads_total, c, -1)
+    keep = keep_mask_cpu.keep_mask_grid(seed, offset, n_heads_total, seqlen_q, rows, n_prefix, n_keys,
+                                        keep_threshold(dropout_p))
+    if keep is not None:
+        return keep
+    return keep_mask_grid_numpy(seed, offset, n_heads_total, seqlen_q, rows, n_prefix, n_keys, dropout_p)
+
+
+def keep_mask_grid_numpy(seed: int, offset: int, n_heads_total: int, seqlen_q: int, rows: slice, n_prefix: int,
+                         n_keys: int, dropout_p: float) -> torch.Tensor:
+    """keep_mask_grid of CPU tensors drawn with NumPy: where the C draw cannot be built."""
+    c = rows.stop - rows.start
     n_groups = groups_per_row(n_prefix, n_keys)
     if c == seqlen_q:  # every row: flattened rows 0 .. n_heads_total * seqlen_q - 1
         keep = _keep_numpy(seed, offset, n_heads_total * seqlen_q, n_groups, keep_threshold(dropout_p))
@@ -219,6 +232,6 @@ def dropout_keep_mask(rng_state: torch.Tensor, batch: int, heads: int, seqlen_q:
     it materialises the whole mask.
     """
     seed, offset = (int(x) for x in rng_state.tolist())
-    rows = torch.arange(batch * heads * seqlen_q, device=rng_state.device)
-    mask = keep_mask_rows(seed, offset, rows, n_prefix, seqlen_k, dropout_p)
+    mask = keep_mask_grid(seed, offset, batch * heads, seqlen_q, slice(0, seqlen_q), n_prefix, seqlen_k, dropout_p,
+                          rng_state.device)
     return mask.reshape(batch, heads, seqlen_q, n_prefix + seqlen_k)

@@ -37,7 +37,8 @@ Three paths:
   materialised for query chunks that stay within ``CHUNK_ELEMENTS``. On CPU the forward keeps each
   chunk's dropout keep-mask bit-packed for the backward (``_SAVED_KEEP``: 1/32 of a chunk's fp32
   scores, freed with the graph) instead of drawing it twice.
-Philox in NumPy is the largest single cost of a dropout call at small training shapes.
+The keep-mask of CPU tensors is drawn in C (``prefix_attn/keep_mask_cpu.c``, built on first use; NumPy where no
+compiler is found): drawn with NumPy it was the largest single cost of a dropout call at small training shapes.
 """
 import functools
 import math
