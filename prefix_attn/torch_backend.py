@@ -27,12 +27,12 @@ Three paths:
 - CPU tensors with dropout, a shared prefix (no bank, no prefix_lens), equal heads and one query chunk
   (GPT-2's training call): one softmax over [prefix; keys], the keep-mask the kernels' Philox mask bit
   for bit, and the forward's probabilities and keep-mask kept for the backward (as SDPA's math path
-  keeps its own; ``_SAVED_KEEP``), so the backward does not compute the scores again. Each GEMM runs
-  over [prefix; keys] (or [prefix; values]), built for that GEMM and dropped after it: one at a time,
-  where SDPA over the concatenation keeps both from forward to backward, so the peak stays at or below
-  SDPA's (tests/test_torch_backend_dropout_cpu.py). Separate GEMMs against the prefix block and the
-  keys cost a GEMM, a concatenation of scores and an add more per product: about 10% of a GPT-2
-  training call at the quick sweep's CPU shape.
+  keeps its own; ``_SAVED_KEEP``), so the backward does not compute the scores again. Each product is
+  one bmm over the (batch, head) matrices against [prefix; keys] (or [prefix; values]), built once by
+  the forward and kept for the backward, as SDPA over the concatenation keeps them; each is dropped once
+  the backward has used it, so the peak stays below SDPA's (tests/test_torch_backend_dropout_cpu.py).
+  Separate GEMMs against the prefix block and the keys cost a GEMM, a concatenation of scores and an add
+  more per product: about 10% of a GPT-2 training call at the quick sweep's CPU shape.
 - Otherwise (other dropout calls; CUDA tensors; double backward), scores of [prefix; keys] are
   materialised for query chunks that stay within ``CHUNK_ELEMENTS``. On CPU the forward keeps each
   chunk's dropout keep-mask bit-packed for the backward (``_SAVED_KEEP``: 1/32 of a chunk's fp32
@@ -111,7 +111,7 @@ def _chunk_rows(dims: AttnDims) -> int:
 # What a dropout forward keeps for the backward of the same call: id(rng_state) -> {key: state}, with key
 # (seed, offset, mask shape, Lq, first row, dropout_p) (``_keep_key``). The chunked path keeps each chunk's
 # keep-mask bit-packed (B * H * c * (P + Lk) / 8 bytes); the CPU dropout path keeps its probabilities and
-# bool keep-mask under the key plus "probs" (``_probs_key``), popped by its backward. An entry lives as long
+# bool keep-mask under the key plus "probs", popped by its backward. An entry lives as long
 # as the call's rng_state tensor (which the autograd node saves for its backward), so it goes with the
 # graph. The key holds everything the state is a function of, so a hit is what the backward would compute,
 # bit for bit; a miss (another rng_state tensor, e.g. through the custom op) computes it again.
@@ -418,78 +418,117 @@ def _causal_bias(seqlen_q: int, seqlen_k: int, n_prefix: int) -> torch.Tensor:
 
 
 def _with_prefix(prefix_x, x):
-    """[prefix; x] (B, H, P + Lk, D) fp32, contiguous, of a shared prefix (P, H, D) and x (B, Lk, H, D): built
+    """[prefix; x] (B * H, P + Lk, D) fp32, contiguous, of a shared prefix (P, H, D) and x (B, Lk, H, D): built
     for the call only (see the module docstring), so that scores, outputs and each gradient are one GEMM;
     in this layout the GEMMs read it (or its transpose) in place."""
     both = torch.cat([prefix_x.transpose(0, 1).expand(x.shape[0], -1, -1, -1), x.transpose(1, 2)], 2)
-    return _as(both, torch.float32)
+    return _as(both, torch.float32).view(-1, both.shape[2], both.shape[3])
 
 
-def _dropout_cpu_probs(q, kk, key_ok, causal, scale, dims: AttnDims):
-    """fp32 q (B, Lq, H, D), kk = [prefix; keys] (B, H, P + Lk, D) -> (p (B, H, Lq, P + Lk), lse (B, H, Lq)).
+def _heads_first(x, factor: Optional[float] = None):
+    """(B, L, H, D) -> (B * H, L, D) fp32, contiguous, times ``factor`` if given: the GEMMs' batch of (batch,
+    head) matrices, a new buffer (x may be any view, an expanded gradient among them)."""
+    B, L, H, D = x.shape
+    y = torch.empty((B * H, L, D), dtype=torch.float32, device=x.device)
+    if factor is None:
+        y.view(B, H, L, D).copy_(x.transpose(1, 2))
+    else:
+        torch.mul(x.transpose(1, 2), factor, out=y.view(B, H, L, D))
+    return y
+
+
+def _factor(keep):
+    """The bool keep-mask as the uint8 0/1 factor the products take: a float tensor times a bool one takes a
+    slower path than times uint8 (measured on CPU: 15 against 6 us at 10k elements, 1.06 against 0.24 ms in
+    place at 2M); a view, the same bits."""
+    return keep.view(torch.uint8)
+
+
+def _dropout_cpu_probs(qt, kk, key_ok, causal, scale, dims: AttnDims):
+    """qt (B * H, Lq, D), kk = [prefix; keys] (B * H, P + Lk, D), fp32 -> (p (B * H, Lq, P + Lk), lse (B * H, Lq)).
     Every row sees the P prefix slots, so none is empty and one softmax gives p; lse = max - log(max p)."""
-    Lq, P = q.shape[1], dims.prefix_len
-    s = torch.matmul(q.transpose(1, 2), kk.transpose(-1, -2))
-    s = torch.add(_causal_bias(Lq, dims.seqlen_k, P), s, alpha=scale) if causal else s.mul_(scale)
+    Lq, P = qt.shape[1], dims.prefix_len
+    if causal:
+        s = torch.baddbmm(_causal_bias(Lq, dims.seqlen_k, P), qt, kk.transpose(1, 2), alpha=scale)
+    else:
+        s = torch.bmm(qt, kk.transpose(1, 2)).mul_(scale)
     if key_ok is not None:
-        s.add_(torch.nn.functional.pad(torch.where(key_ok, 0.0, float("-inf")), (P, 0))[:, None, None, :])
+        hidden = torch.nn.functional.pad(torch.where(key_ok, 0.0, float("-inf")), (P, 0))  # (B, P + Lk)
+        s.view(dims.batch, dims.heads, Lq, -1).add_(hidden[:, None, None, :])
     p = torch.softmax(s, dim=-1)
     return p, s.amax(-1).sub_(p.amax(-1).log_())
 
 
 def _forward_dropout_cpu(q, k, v, prefix_k, prefix_v, key_ok, causal, scale, dropout_p, rng, dims: AttnDims):
-    p, lse = _dropout_cpu_probs(_as(q, torch.float32), _with_prefix(prefix_k, k), key_ok, causal, scale, dims)
+    B, Lq, H, D = q.shape
+    seed, offset, key, _ = _keep_key(rng, dropout_p, dims, slice(0, Lq))
+    kk, vv = _with_prefix(prefix_k, k), _with_prefix(prefix_v, v)
+    p, lse = _dropout_cpu_probs(_heads_first(q), kk, key_ok, causal, scale, dims)
     # Kept unpacked with p (1.25x a score-sized fp32 tensor where SDPA's math path keeps 2.25x: its softmax
-    # output, the dropped probabilities and its bool mask); the chunked backward, if it runs, draws it again.
-    keep = _keep(rng, dropout_p, dims, slice(0, dims.seqlen_q), save=False)
-    _saved_for(rng)[_probs_key(rng, dropout_p, dims)] = (p, keep)
-    o = torch.matmul(p * keep, _with_prefix(prefix_v, v)).mul_(keep_scale(dropout_p))
-    return _as(o.transpose(1, 2).contiguous(), q.dtype), lse
+    # output, the dropped probabilities and its bool mask), and [prefix; keys], [prefix; values], which SDPA
+    # over the concatenation keeps too; the chunked backward, if it runs, draws the mask again.
+    keep = _dropout_cpu_keep(seed, offset, dropout_p, dims)
+    _saved_for(rng)[key + ("probs",)] = (p, keep, kk, vv)
+    o = torch.bmm(p * _factor(keep), vv).mul_(keep_scale(dropout_p))
+    return _as(o.view(B, H, Lq, D).transpose(1, 2).contiguous(), q.dtype), lse.view(B, H, Lq)
 
 
-def _probs_key(rng, dropout_p: float, dims: AttnDims):
-    return _keep_key(rng, dropout_p, dims, slice(0, dims.seqlen_q))[2] + ("probs",)
+def _dropout_cpu_keep(seed: int, offset: int, dropout_p: float, dims: AttnDims) -> torch.Tensor:
+    """The keep-mask (B * H, Lq, P + Lk) bool of every query row."""
+    return keep_mask_grid(seed, offset, dims.batch * dims.heads, dims.seqlen_q, slice(0, dims.seqlen_q),
+                          dims.prefix_len, dims.seqlen_k, dropout_p, torch.device("cpu"))
 
 
 def _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, key_ok, causal, scale, dropout_p, rng,
                           dims: AttnDims):
     """The gradients from the forward's p and keep-mask, taken out of _SAVED_KEEP (p is overwritten here; a second
     backward of a retained graph, the custom op's rng_state, or a cleared _SAVED_KEEP compute both again by the
-    forward's ops: the same bits). Each buffer is dropped once used: the peak stays below SDPA's backward."""
-    qf, dof, of = (_as(x, torch.float32) for x in (q, dout, out))
-    p, keep = _saved_probs(qf, k, prefix_k, key_ok, causal, scale, dropout_p, rng, dims)
+    forward's ops: the same bits). Each buffer is dropped once used: the peak stays below SDPA's backward.
+    Every product is one bmm over the (batch, head) matrices (B * H, ., .)."""
+    B, Lq, H, D = q.shape
+    qt = _heads_first(q)
+    p, keep, kk, vv = _saved_probs(qt, k, v, prefix_k, prefix_v, key_ok, causal, scale, dropout_p, rng, dims)
     # keep_scale folded into dout: dV = (p * keep)^T (dout * s), dP = ((dout * s) V^T) * keep.
-    do_s = dof.transpose(1, 2) * keep_scale(dropout_p)  # (B, H, Lq, D)
-    delta = torch.linalg.vecdot(dof, of).transpose(1, 2)  # (B, H, Lq)
+    do_s = _heads_first(dout, keep_scale(dropout_p))  # (B * H, Lq, D)
+    delta = torch.linalg.vecdot(_as(dout, torch.float32), _as(out, torch.float32))  # (B, Lq, H)
     if dlse is not None:
-        delta = delta - dlse.float()
+        delta = delta - dlse.float().transpose(1, 2)
     # dS = p * (dP * keep - delta), times the softmax scale that dQ and d[prefix_k; k] both carry.
-    ds = torch.matmul(do_s, _with_prefix(prefix_v, v).transpose(-1, -2))
-    ds.mul_(keep).sub_(delta[..., None]).mul_(p).mul_(scale)
-    dq = _as(torch.matmul(ds, _with_prefix(prefix_k, k)).transpose(1, 2).contiguous(), q.dtype)
-    dk, dpk = _own_and_prefix_grads(torch.matmul(ds.transpose(-1, -2), qf.transpose(1, 2)), k, prefix_k)
+    ds = torch.bmm(do_s, vv.transpose(1, 2))
+    del vv
+    ds.view(B, H, Lq, -1).mul_(_factor(keep).view(B, H, Lq, -1)).sub_(delta.transpose(1, 2)[..., None])
+    ds.mul_(p).mul_(scale)
+    dq = torch.bmm(ds, kk).view(B, H, Lq, D).transpose(1, 2)
+    del kk
+    dq = _as(dq.contiguous(), q.dtype)
+    dk, dpk = _own_and_prefix_grads(torch.bmm(ds.transpose(1, 2), qt), k, prefix_k)
     del ds
     # p becomes p * keep in place: no third score-sized buffer.
-    dv, dpv = _own_and_prefix_grads(torch.matmul(p.mul_(keep).transpose(-1, -2), do_s), v, prefix_v)
+    dv, dpv = _own_and_prefix_grads(torch.bmm(p.mul_(_factor(keep)).transpose(1, 2), do_s), v, prefix_v)
     return dq, dk, dv, dpk, dpv
 
 
-def _saved_probs(qf, k, prefix_k, key_ok, causal, scale, dropout_p, rng, dims: AttnDims):
-    """(p, keep) of the forward, popped from _SAVED_KEEP, or computed again when it is not there."""
-    saved = _SAVED_KEEP.get(id(rng), {}).pop(_probs_key(rng, dropout_p, dims), None)
+def _saved_probs(qt, k, v, prefix_k, prefix_v, key_ok, causal, scale, dropout_p, rng, dims: AttnDims):
+    """(p, keep, [prefix; keys], [prefix; values]) of the forward, popped from _SAVED_KEEP, or computed again
+    when it is not there."""
+    seed, offset, key, _ = _keep_key(rng, dropout_p, dims, slice(0, dims.seqlen_q))
+    saved = _SAVED_KEEP.get(id(rng), {}).pop(key + ("probs",), None)
     if saved is not None:
         return saved
-    return (_dropout_cpu_probs(qf, _with_prefix(prefix_k, k), key_ok, causal, scale, dims)[0],
-            _keep(rng, dropout_p, dims, slice(0, dims.seqlen_q), save=False))
+    kk = _with_prefix(prefix_k, k)
+    p = _dropout_cpu_probs(qt, kk, key_ok, causal, scale, dims)[0]
+    return p, _dropout_cpu_keep(seed, offset, dropout_p, dims), kk, _with_prefix(prefix_v, v)
 
 
 def _own_and_prefix_grads(d_all, x, prefix_x):
-    """d[prefix; x] (B, H, P + Lk, D) fp32 -> (dx (B, Lk, H, D), dprefix (P, H, D) summed over the batch), each
+    """d[prefix; x] (B * H, P + Lk, D) fp32 -> (dx (B, Lk, H, D), dprefix (P, H, D) summed over the batch), each
     contiguous in its input's dtype. The batch-sized prefix rows are what SDPA over the concatenation holds
     in its dK and dV."""
-    P = prefix_x.shape[0]
-    return (_as(d_all[:, :, P:].transpose(1, 2).contiguous(), x.dtype),
-            _as(d_all[:, :, :P].sum(0).transpose(0, 1).contiguous(), prefix_x.dtype))
+    P, H, D = prefix_x.shape
+    d_all = d_all.view(-1, H, d_all.shape[1], D)
+    own = d_all.narrow(2, P, d_all.shape[2] - P)  # narrow: a slice without Python's indexing machinery
+    return (_as(own.transpose(1, 2).contiguous(), x.dtype),
+            _as(d_all.narrow(2, 0, P).sum(0).transpose(0, 1).contiguous(), prefix_x.dtype))
 
 
 def _accumulate(total, x):
