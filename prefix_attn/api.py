@@ -91,10 +91,10 @@ def prefix_attn_func(
     nor [prefix; keys] is ever materialised, forward or backward; the gradient of the prefix is
     reduced over the batch (per task for a bank) inside the op, and the gradients of k, v and the
     prefix over each group of query heads. (Exceptions, CPU tensors and the torch backend only, each
-    within one call's forward and backward and below what SDPA over the concatenation holds: its backward takes the prefix
+    within one call and below what SDPA over the concatenation holds: its backward takes the prefix
     gradient per batch row, (B, kv_heads, P, head_dim) for K and V, and sums it at once; with dropout,
-    a shared prefix and equal heads, each GEMM runs over [prefix; keys] or [prefix; values], built once
-    and kept for the backward, as SDPA over the concatenation keeps them.)
+    a shared prefix and equal heads, each GEMM runs over [prefix; keys] or [prefix; values], built for
+    that GEMM and dropped after it.)
 
     Args:
         q: (batch, seqlen_q, heads, head_dim). Query i sits at key position seqlen_k - seqlen_q + i

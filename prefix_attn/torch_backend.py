@@ -28,11 +28,13 @@ Three paths:
   (GPT-2's training call): one softmax over [prefix; keys], the keep-mask the kernels' Philox mask bit
   for bit, and the forward's probabilities and keep-mask kept for the backward (as SDPA's math path
   keeps its own; ``_SAVED_KEEP``), so the backward does not compute the scores again. Each product is
-  one bmm over the (batch, head) matrices against [prefix; keys] (or [prefix; values]), built once by
-  the forward and kept for the backward, as SDPA over the concatenation keeps them; each is dropped once
-  the backward has used it, so the peak stays below SDPA's (tests/test_torch_backend_dropout_cpu.py).
-  Separate GEMMs against the prefix block and the keys cost a GEMM, a concatenation of scores and an add
-  more per product: about 10% of a GPT-2 training call at the quick sweep's CPU shape.
+  one bmm over the (batch, head) matrices against [prefix; keys] (or [prefix; values]), built for that
+  product and dropped after it: one at a time, where SDPA over the concatenation keeps both from forward
+  to backward, so the peak stays at or below SDPA's (tests/test_torch_backend_dropout_cpu.py). Keeping
+  them from the forward saved about 20 us per call at the quick sweep's tiny shape and raised the peak of
+  a GPT-2 small training step on CPU (B 4, L 64, P 10) from 0.97x to 1.03x PEFT's: not kept. Separate
+  GEMMs against the prefix block and the keys cost a GEMM, a concatenation of scores and an add more per
+  product: about 10% of a GPT-2 training call at the quick sweep's CPU shape.
 - Otherwise (other dropout calls; CUDA tensors; double backward), scores of [prefix; keys] are
   materialised for query chunks that stay within ``CHUNK_ELEMENTS``. On CPU the forward keeps each
   chunk's dropout keep-mask bit-packed for the backward (``_SAVED_KEEP``: 1/32 of a chunk's fp32
@@ -419,8 +421,8 @@ def _causal_bias(seqlen_q: int, seqlen_k: int, n_prefix: int) -> torch.Tensor:
 
 def _with_prefix(prefix_x, x):
     """[prefix; x] (B * H, P + Lk, D) fp32, contiguous, of a shared prefix (P, H, D) and x (B, Lk, H, D): built
-    for the call only (see the module docstring), so that scores, outputs and each gradient are one GEMM;
-    in this layout the GEMMs read it (or its transpose) in place."""
+    for one product (see the module docstring), so that scores, outputs and each gradient are one GEMM; in
+    this layout the GEMMs read it (or its transpose) in place."""
     both = torch.cat([prefix_x.transpose(0, 1).expand(x.shape[0], -1, -1, -1), x.transpose(1, 2)], 2)
     return _as(both, torch.float32).view(-1, both.shape[2], both.shape[3])
 
@@ -433,7 +435,8 @@ def _heads_first(x, factor: Optional[float] = None):
     if factor is None:
         y.view(B, H, L, D).copy_(x.transpose(1, 2))
     else:
-        torch.mul(x.transpose(1, 2), factor, out=y.view(B, H, L, D))
+        # The product in fp32 (an out= of another dtype would compute it in x's dtype, then cast).
+        torch.mul(_as(x, torch.float32).transpose(1, 2), factor, out=y.view(B, H, L, D))
     return y
 
 
@@ -462,14 +465,12 @@ def _dropout_cpu_probs(qt, kk, key_ok, causal, scale, dims: AttnDims):
 def _forward_dropout_cpu(q, k, v, prefix_k, prefix_v, key_ok, causal, scale, dropout_p, rng, dims: AttnDims):
     B, Lq, H, D = q.shape
     seed, offset, key, _ = _keep_key(rng, dropout_p, dims, slice(0, Lq))
-    kk, vv = _with_prefix(prefix_k, k), _with_prefix(prefix_v, v)
-    p, lse = _dropout_cpu_probs(_heads_first(q), kk, key_ok, causal, scale, dims)
+    p, lse = _dropout_cpu_probs(_heads_first(q), _with_prefix(prefix_k, k), key_ok, causal, scale, dims)
     # Kept unpacked with p (1.25x a score-sized fp32 tensor where SDPA's math path keeps 2.25x: its softmax
-    # output, the dropped probabilities and its bool mask), and [prefix; keys], [prefix; values], which SDPA
-    # over the concatenation keeps too; the chunked backward, if it runs, draws the mask again.
+    # output, the dropped probabilities and its bool mask); the chunked backward, if it runs, draws it again.
     keep = _dropout_cpu_keep(seed, offset, dropout_p, dims)
-    _saved_for(rng)[key + ("probs",)] = (p, keep, kk, vv)
-    o = torch.bmm(p * _factor(keep), vv).mul_(keep_scale(dropout_p))
+    _saved_for(rng)[key + ("probs",)] = (p, keep)
+    o = torch.bmm(p * _factor(keep), _with_prefix(prefix_v, v)).mul_(keep_scale(dropout_p))
     return _as(o.view(B, H, Lq, D).transpose(1, 2).contiguous(), q.dtype), lse.view(B, H, Lq)
 
 
@@ -487,19 +488,17 @@ def _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, key_ok, 
     Every product is one bmm over the (batch, head) matrices (B * H, ., .)."""
     B, Lq, H, D = q.shape
     qt = _heads_first(q)
-    p, keep, kk, vv = _saved_probs(qt, k, v, prefix_k, prefix_v, key_ok, causal, scale, dropout_p, rng, dims)
+    p, keep = _saved_probs(qt, k, prefix_k, key_ok, causal, scale, dropout_p, rng, dims)
     # keep_scale folded into dout: dV = (p * keep)^T (dout * s), dP = ((dout * s) V^T) * keep.
     do_s = _heads_first(dout, keep_scale(dropout_p))  # (B * H, Lq, D)
     delta = torch.linalg.vecdot(_as(dout, torch.float32), _as(out, torch.float32))  # (B, Lq, H)
     if dlse is not None:
         delta = delta - dlse.float().transpose(1, 2)
     # dS = p * (dP * keep - delta), times the softmax scale that dQ and d[prefix_k; k] both carry.
-    ds = torch.bmm(do_s, vv.transpose(1, 2))
-    del vv
+    ds = torch.bmm(do_s, _with_prefix(prefix_v, v).transpose(1, 2))
     ds.view(B, H, Lq, -1).mul_(_factor(keep).view(B, H, Lq, -1)).sub_(delta.transpose(1, 2)[..., None])
     ds.mul_(p).mul_(scale)
-    dq = torch.bmm(ds, kk).view(B, H, Lq, D).transpose(1, 2)
-    del kk
+    dq = torch.bmm(ds, _with_prefix(prefix_k, k)).view(B, H, Lq, D).transpose(1, 2)
     dq = _as(dq.contiguous(), q.dtype)
     dk, dpk = _own_and_prefix_grads(torch.bmm(ds.transpose(1, 2), qt), k, prefix_k)
     del ds
@@ -508,16 +507,15 @@ def _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, key_ok, 
     return dq, dk, dv, dpk, dpv
 
 
-def _saved_probs(qt, k, v, prefix_k, prefix_v, key_ok, causal, scale, dropout_p, rng, dims: AttnDims):
-    """(p, keep, [prefix; keys], [prefix; values]) of the forward, popped from _SAVED_KEEP, or computed again
-    when it is not there."""
+def _saved_probs(qt, k, prefix_k, key_ok, causal, scale, dropout_p, rng, dims: AttnDims):
+    """(p, keep) (B * H, Lq, P + Lk) of the forward, popped from _SAVED_KEEP, or computed again when it is not
+    there."""
     seed, offset, key, _ = _keep_key(rng, dropout_p, dims, slice(0, dims.seqlen_q))
     saved = _SAVED_KEEP.get(id(rng), {}).pop(key + ("probs",), None)
     if saved is not None:
         return saved
-    kk = _with_prefix(prefix_k, k)
-    p = _dropout_cpu_probs(qt, kk, key_ok, causal, scale, dims)[0]
-    return p, _dropout_cpu_keep(seed, offset, dropout_p, dims), kk, _with_prefix(prefix_v, v)
+    p = _dropout_cpu_probs(qt, _with_prefix(prefix_k, k), key_ok, causal, scale, dims)[0]
+    return p, _dropout_cpu_keep(seed, offset, dropout_p, dims)
 
 
 def _own_and_prefix_grads(d_all, x, prefix_x):

@@ -45,6 +45,30 @@ def test_with_an_lse_gradient(case):
         assert max_err(a, b) < 5e-5, name
 
 
+@pytest.mark.parametrize("layout", ["expanded", "heads_first"])
+def test_a_gradient_of_any_layout_is_read_not_written(layout):
+    """Regression: the backward lays dout out as (B * H, Lq, D) for its GEMMs; a gradient that is a stride-0
+    expansion (out.sum().backward()) or already (B, H, Lq, D) in memory (its transpose-reshape is a view) must
+    be copied, never scaled in place."""
+    B, L, H, D, P = 2, 6, 3, 16, 5
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, L, H, D, generator=gen, requires_grad=True) for _ in range(3))
+    pk, pv = (torch.randn(P, H, D, generator=gen, requires_grad=True) for _ in range(2))
+    if layout == "expanded":
+        dout = torch.ones(()).expand(B, L, H, D)
+    else:
+        dout = torch.randn(B, H, L, D, generator=gen).transpose(1, 2)
+    before = dout.clone()
+    grads = []
+    for given in (dout, dout.contiguous()):
+        torch.manual_seed(4)
+        out = prefix_attn_func(q, k, v, pk, pv, dropout_p=0.3, backend="torch")
+        grads.append(torch.autograd.grad(out, (q, k, v, pk, pv), given))
+    assert torch.equal(dout, before)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(dtype):
     """err(op) <= 2 * err(the reference computed in dtype) + ATOL[dtype], against the float64 reference."""

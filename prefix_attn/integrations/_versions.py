@@ -4,7 +4,7 @@ The integration relies on transformers internals that change between releases: t
 mask interfaces (``AttentionInterface``, ``AttentionMaskInterface`` and the ``mask_function``
 keyword the mask interface receives), extra keyword arguments of ``GPT2LMHeadModel.forward``
 travelling into the attention function, and how ``generate`` builds ``position_ids``. These were
-read and tested on 5.17 and 5.24 (CI tests the lowest and the newest release); releases outside the
+read and tested on 5.17, 5.24 and 5.25 (CI tests the lowest and the newest release); releases outside the
 range are refused rather than risked.
 """
 import importlib
