@@ -67,7 +67,7 @@ CPU_CLONES int prefix_attn_keep_mask_grid(uint64_t seed, uint64_t offset, int64_
     const int64_t rows = row_stop - row_start, counters = rows * groups;
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     /* One (batch, head)'s rows have consecutive counters: drawn in passes of LANES, then the padding dropped. */
-    uint8_t *drawn = malloc((size_t)(counters + LANES) * 8);
+    uint8_t *drawn = malloc((size_t)counters * 8); /* a pass writes only the counters it draws */
     if (drawn == NULL) {
         return 1;
     }

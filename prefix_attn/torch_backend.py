@@ -496,7 +496,7 @@ def _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, key_ok, 
         delta = delta - dlse.float().transpose(1, 2)
     # dS = p * (dP * keep - delta), times the softmax scale that dQ and d[prefix_k; k] both carry.
     ds = torch.bmm(do_s, _with_prefix(prefix_v, v).transpose(1, 2))
-    ds.view(B, H, Lq, -1).mul_(_factor(keep).view(B, H, Lq, -1)).sub_(delta.transpose(1, 2)[..., None])
+    ds.mul_(_factor(keep)).view(B, H, Lq, -1).sub_(delta.transpose(1, 2)[..., None])  # delta per (b, h) row
     ds.mul_(p).mul_(scale)
     dq = torch.bmm(ds, _with_prefix(prefix_k, k)).view(B, H, Lq, D).transpose(1, 2)
     dq = _as(dq.contiguous(), q.dtype)
