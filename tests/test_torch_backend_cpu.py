@@ -170,3 +170,38 @@ def test_under_torch_func_grad():
         q_eager = q.clone().requires_grad_(True)
         loss(q_eager, *args).backward()
         torch.testing.assert_close(grad, q_eager.grad)
+
+
+@pytest.mark.parametrize("case", [Case(P=10, B=3, Lq=1, Lk=12, mask="left"), Case(P=9, B=4, Lq=5, Lk=11),
+                                  Case(P=6, B=3, Lq=1, Lk=8, H=4, strided=True),
+                                  Case(P=9, T=3, B=4, Lq=1, Lk=7, prefix_lens=True),
+                                  Case(P=5, T=2, B=4, Lq=3, Lk=9, mask="holes")], ids=str)
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "per-row"])
+def test_prefix_part_folded_into_one_batch_of_query_rows_or_per_batch_row(monkeypatch, case, fold):
+    """A prefix part runs as one batch of n * Lq query rows against the (1, Hkv, P, D) block (above
+    FOLD_MIN_ROWS_X_SLOTS, when q's rows merge into one dimension) or per batch row against a batch-stride-0
+    block; both give the reference's output, lse and gradients (decoding and prefill, a bank's task rows,
+    prefix_lens, HF's strided views)."""
+    from prefix_attn import torch_backend
+
+    monkeypatch.setattr(torch_backend, "FOLD_MIN_ROWS_X_SLOTS", 0 if fold else 2**62)
+    batches = []
+    real = torch_backend._flash_cpu
+    monkeypatch.setattr(torch_backend, "_flash_cpu",
+                        lambda q, k, *a: batches.append((q.shape[0], k.shape[0])) or real(q, k, *a))
+    check_against_reference(case, torch.float32, "torch")
+    prefix_calls = batches[1:]  # the first call is the own keys'
+    assert prefix_calls, "no prefix part ran"
+    folded = [q_batch == k_batch == 1 for q_batch, k_batch in prefix_calls]
+    if not fold or not (case.Lq == 1 or case.T == 0):  # a bank's gathered task rows merge only when Lq == 1
+        assert all(q_batch == k_batch for q_batch, k_batch in prefix_calls)
+    else:
+        assert all(folded)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_folded_prefix_part_in_half_precision(monkeypatch, dtype):
+    from prefix_attn import torch_backend
+
+    monkeypatch.setattr(torch_backend, "FOLD_MIN_ROWS_X_SLOTS", 0)
+    check_against_reference(Case(P=7, B=3, Lq=1, Lk=11, mask="left"), dtype, "torch")
