@@ -149,7 +149,7 @@ def prefix_attn_func(
         out, lse, _ = ops.attention(q, k, v, prefix_k, prefix_v, *ops.flat(args))
     elif not _needs_graph(q, k, v, prefix_k, prefix_v):
         # Nothing to differentiate (decoding, evaluation): no autograd node to build.
-        out, lse, _ = attention_forward(q, k, v, prefix_k, prefix_v, args)
+        out, lse, _ = attention_forward(q, k, v, prefix_k, prefix_v, args, need_lse=return_lse)
     else:
         apply = PrefixAttnFunction.apply if torch._C._are_functorch_transforms_active() else _apply_eager
         out, lse, _ = apply(q, k, v, prefix_k, prefix_v, args)

@@ -34,8 +34,9 @@ def backend_module(backend: str):
     return module
 
 
-def forward(q, k, v, prefix_k, prefix_v, args: AttnArgs):
-    """(out, lse, rng_state) for inputs already validated (``args.dims`` from check_attention_inputs)."""
+def forward(q, k, v, prefix_k, prefix_v, args: AttnArgs, need_lse: bool = True):
+    """(out, lse, rng_state) for inputs already validated (``args.dims`` from check_attention_inputs);
+    with need_lse=False (no autograd node, lse not returned) lse may be None."""
     check_prefix_values(args.prefix_idx, args.prefix_lens, args.dims)
     if args.dropout_p > 0.0:
         rng_state = draw_rng_state(q.device)
@@ -43,7 +44,7 @@ def forward(q, k, v, prefix_k, prefix_v, args: AttnArgs):
         rng_state = _NO_RNG_STATE.get(q.device)
         if rng_state is None:
             rng_state = _NO_RNG_STATE[q.device] = torch.empty(0, dtype=torch.int64, device=q.device)
-    out, lse = backend_module(args.backend).forward_unchecked(q, k, v, prefix_k, prefix_v, args, rng_state)
+    out, lse = backend_module(args.backend).forward_unchecked(q, k, v, prefix_k, prefix_v, args, rng_state, need_lse)
     return out, lse, rng_state
 
 

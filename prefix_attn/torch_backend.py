@@ -19,7 +19,7 @@ Three paths:
   own keys go through PyTorch's fused CPU attention kernel (``_scaled_dot_product_flash_attention_
   for_cpu``: tiled online softmax, no Lq x Lk score matrix), and so do each task's visible prefix
   slots, read as one (Hkv, P, D) block (never expanded): against all the part's query rows as one batch
-  of B * Lq rows where the work is large enough (decoding with a long prefix: 2-3.6x faster than B
+  of B * Lq rows where the work is large enough (decoding at B 8-32 with P 32-200: 1.3-3.6x faster than B
   batches), else with batch stride 0; the parts are merged by log-sum-exp. Its backward gets the merged
   output and lse, from which the fused kernel's recomputed probabilities and row sums are exactly those
   of the whole softmax over [prefix; keys]; the prefix part's gradient comes back per batch row (what
@@ -340,8 +340,9 @@ def _flash_cpu(q, k, v, is_causal, mask, scale):
     return _flash_cpu_kernel(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
 
 
-def _forward_fused_cpu(q, k, v, prefix_k, prefix_v, parts, key_ok, causal, scale, dims: AttnDims):
-    """The own keys and each task's visible prefix slots through the fused kernel, merged by log-sum-exp."""
+def _forward_fused_cpu(q, k, v, prefix_k, prefix_v, parts, key_ok, causal, scale, dims: AttnDims, need_lse=True):
+    """The own keys and each task's visible prefix slots through the fused kernel, merged by log-sum-exp
+    (need_lse=False: the merged lse may come back None, one op fewer per decoding call)."""
     is_causal, mask, own_seen = _own_key_mask(key_ok, causal, dims, q.dtype)
     qt = q.transpose(1, 2)
     out, lse = _flash_cpu(qt, k.transpose(1, 2), v.transpose(1, 2), is_causal, mask, scale)
@@ -349,21 +350,21 @@ def _forward_fused_cpu(q, k, v, prefix_k, prefix_v, parts, key_ok, causal, scale
         lse.masked_fill_(~own_seen, float("-inf"))
     for task, rows, n_slots in parts:
         o_pre, lse_pre = _prefix_part(qt if rows is None else qt[rows], prefix_k, prefix_v, task, n_slots, scale, dims)
-        if rows is None:
-            out, lse = _merge(out, lse, o_pre, lse_pre)
+        if rows is None:  # the only part (a shared prefix, or a bank with one task in use)
+            out, lse = _merge(out, lse, o_pre, lse_pre, with_lse=need_lse)
         else:
             out[rows], lse[rows] = _merge(out[rows], lse[rows], o_pre, lse_pre)
     # Contiguous (B, Lq, H, D) and (B, H, Lq), as the custom op's fake promises (out already is: the kernel's
     # (B, Lq, H, D) memory).
-    return _as(out.transpose(1, 2).contiguous(), q.dtype), lse.contiguous()
+    return _as(out.transpose(1, 2).contiguous(), q.dtype), None if lse is None else lse.contiguous()
 
 
 # Query rows x prefix slots from which a prefix part runs as one batch of n * Lq query rows (see _prefix_part).
-# Measured on the 2-core CPU (torch 2.11, fp32, H 12, D 64), prefix part alone: decoding B 8, P 200 165 against
-# 310 us per batch row; B 32, P 200 292 against 1106 us; B 16, P 64 118 against 246 us; prefill B 4, L 128,
-# P 200 2.8 against 3.2-4.5 ms; at B 4, P 10 (40) 48 against 29 us, and at the quick sweep's tiny decode the
-# same or slower, hence the threshold.
-FOLD_MIN_ROWS_X_SLOTS = 512
+# The prefix part alone on the 2-core CPU (torch 2.11, fp32, best of 11 interleaved rounds, 54 shapes: H 4 and
+# 12, Hkv 2-12, D 16 and 64, B * Lq 2-512, P 8-200): from 1024 on one batch is 0.96-3.6x the speed of B
+# batches (decoding, H 12, D 64: B 8, P 200 98 against 250 us; B 32, P 200 265 against 963 us; prefill B 8,
+# L 64, P 200 3.3 against 4.1 ms); at 512 the same; below, from 0.49x (B 2 decoding) to 1.46x.
+FOLD_MIN_ROWS_X_SLOTS = 1024
 
 
 def _prefix_part(q_rows, prefix_k, prefix_v, task: int, n_slots: int, scale, dims: AttnDims):
@@ -384,14 +385,14 @@ def _prefix_part(q_rows, prefix_k, prefix_v, task: int, n_slots: int, scale, dim
                       _prefix_block(prefix_v, task, n_slots, n, dims), False, None, scale)
 
 
-def _merge(own_out, own_lse, o_pre, lse_pre):
-    """(out, lse) of the softmax over [prefix; own keys] from its two parts' (out, lse): out is the parts' mix
-    with weight sigmoid(own_lse - lse_pre) = exp(own_lse - lse) on the own part (0 for a row that sees no
-    own key: lse -inf), computed in fp32 and in place in o_pre (a copy for half-precision inputs). Every
-    row of a part sees a prefix slot, so lse_pre and the merged lse are finite."""
+def _merge(own_out, own_lse, o_pre, lse_pre, with_lse=True):
+    """(out, lse; None without with_lse) of the softmax over [prefix; own keys] from its two parts' (out, lse):
+    out is the parts' mix with weight sigmoid(own_lse - lse_pre) = exp(own_lse - lse) on the own part (0 for
+    a row that sees no own key: lse -inf), computed in fp32 and in place in o_pre (a copy for half-precision
+    inputs). Every row of a part sees a prefix slot, so lse_pre and the merged lse are finite."""
     own_weight = torch.sub(own_lse, lse_pre).sigmoid_().unsqueeze_(-1)
     out = _as(o_pre, torch.float32).lerp_(_as(own_out, torch.float32), own_weight)
-    return _as(out, own_out.dtype), torch.logaddexp(own_lse, lse_pre)
+    return _as(out, own_out.dtype), torch.logaddexp(own_lse, lse_pre) if with_lse else None
 
 
 def _backward_fused_cpu(dout, q, k, v, out, lse, prefix_k, prefix_v, parts, key_ok, causal, scale, dims: AttnDims):
@@ -585,12 +586,14 @@ def _visible_keys(attention_mask):
     return attention_mask != 0
 
 
-def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state):
+def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state, need_lse: bool = True):
+    """(out, lse); need_lse=False lets a path skip the lse (it may then be None): a call without autograd
+    that does not return it."""
     prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims = args
     scale = default_scale(dims.head_dim, softmax_scale)
     if _use_fused_cpu_kernel(q, dims, dropout_p):
         return _forward_fused_cpu(q, k, v, prefix_k, prefix_v, _prefix_parts(prefix_idx, prefix_lens, dims),
-                                  _visible_keys(attention_mask), causal, scale, dims)
+                                  _visible_keys(attention_mask), causal, scale, dims, need_lse)
     if _use_dropout_cpu_path(q, dims, dropout_p, prefix_lens):
         return _forward_dropout_cpu(q, k, v, prefix_k, prefix_v, _visible_keys(attention_mask), causal, scale,
                                     dropout_p, rng_state, dims)

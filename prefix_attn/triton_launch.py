@@ -155,8 +155,9 @@ def prefix_attn_fwd(q, k, v, prefix_k=None, prefix_v=None, prefix_idx=None, pref
     return forward_unchecked(q, k, v, prefix_k, prefix_v, args, rng_state)
 
 
-def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state):
-    """The forward launch for inputs already validated (``args.dims`` from check_attention_inputs)."""
+def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state, need_lse: bool = True):
+    """The forward launch for inputs already validated (``args.dims`` from check_attention_inputs). The kernels
+    write lse in any case (need_lse is the torch backend's option)."""
     prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims = args
     B, Lq, H, D = q.shape
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)

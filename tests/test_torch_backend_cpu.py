@@ -205,3 +205,18 @@ def test_folded_prefix_part_in_half_precision(monkeypatch, dtype):
 
     monkeypatch.setattr(torch_backend, "FOLD_MIN_ROWS_X_SLOTS", 0)
     check_against_reference(Case(P=7, B=3, Lq=1, Lk=11, mask="left"), dtype, "torch")
+
+
+def test_a_call_without_autograd_that_returns_no_lse_skips_the_merged_lse(monkeypatch):
+    """Decoding and evaluation (no autograd node, return_lse=False) skip the merged lse's logaddexp; the
+    output is the same bits as with it."""
+    from prefix_attn import torch_backend
+
+    with_lse = []
+    real = torch_backend._merge
+    monkeypatch.setattr(torch_backend, "_merge",
+                        lambda *a, **kw: with_lse.append(kw.get("with_lse", True)) or real(*a, **kw))
+    tensors, kwargs = make_inputs(Case(P=4, B=2, Lq=1, Lk=7), torch.float32, requires_grad=False)
+    out = prefix_attn_func(**tensors, **kwargs, backend="torch")
+    out_with_lse, lse = prefix_attn_func(**tensors, **kwargs, return_lse=True, backend="torch")
+    assert with_lse == [False, True] and torch.equal(out, out_with_lse) and torch.isfinite(lse).all()
