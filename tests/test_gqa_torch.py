@@ -143,3 +143,16 @@ def test_kv_heads_are_never_expanded(dropout_p, bank):
     assert log.shapes
     expanded = [(f, s) for f, s in log.shapes if Hq in s and D in s and (Lk in s or P in s)]
     assert not expanded, expanded
+
+
+@pytest.mark.parametrize("kv_heads", KV_HEADS)
+@pytest.mark.parametrize("case", [Case(H=H, P=6, B=3, Lq=1, Lk=9, mask="left"), Case(H=H, P=10, strided=True),
+                                  Case(H=H, P=5, T=2, B=4, Lq=1, Lk=21)], ids=str)
+def test_prefix_part_as_one_batch_of_query_rows_matches_reference(monkeypatch, case, kv_heads):
+    """The prefix part with every query row in one batch (torch_backend.FOLD_MIN_ROWS_X_SLOTS forced to 0)
+    against the (1, Hkv, P, D) block: grouped heads go to the kernel as they are."""
+    from prefix_attn import torch_backend
+
+    monkeypatch.setattr(torch_backend, "FOLD_MIN_ROWS_X_SLOTS", 0)
+    tensors, kwargs = make_grouped_inputs(case, kv_heads)
+    check_against_reference(case, torch.float32, "torch", tensors_kwargs=(tensors, kwargs))
