@@ -377,7 +377,7 @@ def _prefix_part(q_rows, prefix_k, prefix_v, task: int, n_slots: int, scale, dim
     batch-stride-0 block (below FOLD_MIN_ROWS_X_SLOTS the n small ones cost less)."""
     n, H, Lq, D = q_rows.shape
     if n * Lq * n_slots >= FOLD_MIN_ROWS_X_SLOTS and (n == 1 or Lq == 1 or q_rows.stride(0) == Lq * q_rows.stride(2)):
-        rows = q_rows.transpose(1, 2).reshape(1, n * Lq, H, D).transpose(1, 2)  # a view (checked above)
+        rows = q_rows.transpose(1, 2).view(1, n * Lq, H, D).transpose(1, 2)  # the merge is checked above
         out, lse = _flash_cpu(rows, _prefix_block(prefix_k, task, n_slots, 1, dims),
                               _prefix_block(prefix_v, task, n_slots, 1, dims), False, None, scale)
         return out.transpose(1, 2).view(n, Lq, H, D).transpose(1, 2), lse.view(H, n, Lq).transpose(0, 1)
