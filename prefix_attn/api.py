@@ -1,14 +1,16 @@
 """The public op: prefix_attn_func."""
+import dataclasses
+import os
 from typing import Optional, Union
 
 import torch
 
-from prefix_attn import ops
+from prefix_attn import ops, torch_backend
 from prefix_attn.args import AttnArgs
 from prefix_attn.autograd import EagerPrefixAttnFunction, PrefixAttnFunction
 from prefix_attn.autograd import forward as attention_forward
-from prefix_attn.backend import resolve_backend
-from prefix_attn.checks import check_attention_inputs, check_row_offsets_fit_int32, default_scale
+from prefix_attn.backend import ENV_VAR, resolve_backend
+from prefix_attn.checks import check_attention_inputs, check_prefix_values, check_row_offsets_fit_int32, default_scale
 
 # Up to torch 2.14 torch.autograd.Function.apply is a Python wrapper (functorch checks) around the C apply;
 # outside functorch transforms the C apply alone does the same work (from 2.15 on the two are one).
@@ -154,3 +156,87 @@ def prefix_attn_func(
         apply = PrefixAttnFunction.apply if torch._C._are_functorch_transforms_active() else _apply_eager
         out, lse, _ = apply(q, k, v, prefix_k, prefix_v, args)
     return (out, lse) if return_lse else out
+
+
+
+# Heads-first calls found fit for the fused CPU path: signature -> [dims, softmax scale], or False for a call that
+# goes through prefix_attn_func (another backend or path). A signature holds what the checks read, and no more:
+# no strides (only the Triton launchers' int32 offset check reads them) and, of seqlen_k, only how it compares
+# (Lq <= Lk, Lk > 0, the mask's length): a decoding loop, whose keys grow by one each step, stays on one entry
+# (each step's first layer call would otherwise run every check, 40-80 us on the 2-core CPU, torch 2.11).
+_FUSED_CPU_CALLS: dict = {}
+
+
+def _op_layout(x):
+    """A heads-first (B, heads, L, D) tensor as the op's (B, L, heads, D) view; anything else as it is, for the
+    checks to name."""
+    return x.transpose(1, 2) if isinstance(x, torch.Tensor) and x.dim() == 4 else x
+
+
+def _metadata(x):
+    return None if x is None else (type(x), x.shape, x.dtype, x.device)
+
+
+def _fused_cpu_call(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p):
+    """[dims, scale] of a checked heads-first call that runs on the fused CPU path, or False."""
+    try:
+        seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+        signature = (os.environ.get(ENV_VAR), type(softmax_scale), softmax_scale, q.shape, q.dtype,
+                     type(k), k.dtype, k.device, k.shape[:2], k.shape[3:], seqlen_q <= seqlen_k, seqlen_k > 0,
+                     type(v), v.dtype, v.device, v.shape == k.shape,
+                     _metadata(prefix_k), _metadata(prefix_v), _metadata(prefix_idx),
+                     None if attention_mask is None else (type(attention_mask), attention_mask.dtype,
+                                                          attention_mask.device, attention_mask.dim(),
+                                                          attention_mask.shape == (q.shape[0], seqlen_k)))
+        found = _FUSED_CPU_CALLS.get(signature)
+    except (AttributeError, TypeError, IndexError):  # not a 4-D tensor: the checks below say which argument
+        signature = found = None
+    if found is None:
+        dims, chosen = _check_call(*map(_op_layout, (q, k, v)), prefix_k, prefix_v, prefix_idx, None, attention_mask,
+                                   dropout_p, softmax_scale, "auto")
+        found = (chosen == "torch" and torch_backend.uses_fused_cpu_kernel(q, dims, dropout_p)
+                 and [dims, default_scale(dims.head_dim, softmax_scale)])
+        if signature is not None:
+            if len(_FUSED_CPU_CALLS) >= _MAX_VALIDATED:
+                _FUSED_CPU_CALLS.clear()
+            _FUSED_CPU_CALLS[signature] = found
+    elif found and found[0].seqlen_k != seqlen_k:
+        found[0] = dataclasses.replace(found[0], seqlen_k=seqlen_k)  # the next layers' calls find it as it is
+    return found
+
+
+def causal_attention_heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
+                                 prefix_v: Optional[torch.Tensor], prefix_idx: Optional[torch.Tensor],
+                                 attention_mask: Optional[torch.Tensor], softmax_scale: Optional[float],
+                                 dropout_p: float) -> torch.Tensor:
+    """``prefix_attn_func`` (causal, backend "auto") for heads-first tensors, as transformers' attention layers
+    hold them: the integrations' entry.
+
+    Args:
+        q: (batch, heads, seqlen_q, head_dim); k, v: (batch, kv_heads, seqlen_k, head_dim): the transposes of
+            prefix_attn_func's q, k, v (any strides).
+        prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p: as for prefix_attn_func.
+    Returns:
+        out (batch, seqlen_q, heads, head_dim), what prefix_attn_func(q.transpose(1, 2), k.transpose(1, 2),
+        v.transpose(1, 2), ...) returns, bit for bit.
+
+    A call that builds no autograd node and runs the fused CPU path (decoding and evaluation on CPU) goes
+    to the torch backend directly, with the tensors as they are: the op's layout would cost three
+    transposes here and their three inverses in the backend, and the public function's layers and
+    checks as much again, where a tiny decoding layer call costs about 50 us in all (torch 2.11). The
+    same checks run, once per signature. Every other call goes through prefix_attn_func.
+    """
+    if (type(q) is torch.Tensor and q.device.type == "cpu" and not dropout_p and not torch.compiler.is_compiling()
+            and not _needs_graph(q, k, v, prefix_k, prefix_v)):
+        found = _fused_cpu_call(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p)
+        if found:
+            dims, scale = found
+            if not dims.has_prefix:  # P = 0 is plain attention
+                prefix_k = prefix_v = prefix_idx = None
+            elif prefix_idx is not None:
+                check_prefix_values(prefix_idx, None, dims)
+            args = AttnArgs(prefix_idx, None, attention_mask, True, scale, 0.0, "torch", dims)
+            return torch_backend.forward_heads_first(q, k, v, prefix_k, prefix_v, args, need_lse=False)[0]
+    return prefix_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), prefix_k, prefix_v,
+                            prefix_idx=prefix_idx, attention_mask=attention_mask, causal=True,
+                            softmax_scale=softmax_scale, dropout_p=dropout_p, backend="auto")

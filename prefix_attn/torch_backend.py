@@ -24,7 +24,9 @@ Three paths:
   output and lse, from which the fused kernel's recomputed probabilities and row sums are exactly those
   of the whole softmax over [prefix; keys]; the prefix part's gradient comes back per batch row (what
   SDPA over the concatenation also holds, as part of its dK and dV) and is summed in fp32. Few, large
-  ops: at small shapes a call's cost is its count of dispatched ops.
+  ops: at small shapes a call's cost is its count of dispatched ops. Its forward works on heads-first
+  (B, H, L, D) views, the layout of the kernel and of transformers' attention layers, which
+  ``forward_heads_first`` takes as they are (the integrations' calls without autograd).
 - CPU tensors with dropout, a shared prefix (no bank, no prefix_lens), equal heads and one query chunk
   (GPT-2's training call): one softmax over [prefix; keys], the keep-mask the kernels' Philox mask bit
   for bit, and the forward's probabilities and keep-mask kept for the backward (as SDPA's math path
@@ -224,7 +226,8 @@ def _causal_hidden(start: int, stop: int, seqlen_q: int, seqlen_k: int, device: 
 
 # ---- CPU: the fused kernel for the own keys, the prefix slots explicitly ---------------------------------
 
-def _use_fused_cpu_kernel(q, dims: AttnDims, dropout_p: float) -> bool:
+def uses_fused_cpu_kernel(q, dims: AttnDims, dropout_p: float) -> bool:
+    """Whether a forward runs on the fused CPU path (CPU tensors, no dropout, not empty)."""
     # Empty calls stay on the explicit path: the fused kernel dies of a division by zero (SIGFPE) at Lq = 0.
     return q.device.type == "cpu" and dropout_p == 0.0 and q.numel() > 0 and dims.seqlen_k > 0
 
@@ -340,12 +343,12 @@ def _flash_cpu(q, k, v, is_causal, mask, scale):
     return _flash_cpu_kernel(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
 
 
-def _forward_fused_cpu(q, k, v, prefix_k, prefix_v, parts, key_ok, causal, scale, dims: AttnDims, need_lse=True):
-    """The own keys and each task's visible prefix slots through the fused kernel, merged by log-sum-exp
-    (need_lse=False: the merged lse may come back None, one op fewer per decoding call)."""
-    is_causal, mask, own_seen = _own_key_mask(key_ok, causal, dims, q.dtype)
-    qt = q.transpose(1, 2)
-    out, lse = _flash_cpu(qt, k.transpose(1, 2), v.transpose(1, 2), is_causal, mask, scale)
+def _forward_fused_cpu(qt, kt, vt, prefix_k, prefix_v, parts, key_ok, causal, scale, dims: AttnDims, need_lse=True):
+    """The own keys and each task's visible prefix slots through the fused kernel, merged by log-sum-exp, on
+    heads-first qt (B, H, Lq, D), kt, vt (B, Hkv, Lk, D): (out (B, H, Lq, D) in q's dtype, lse (B, H, Lq);
+    need_lse=False: lse may come back None, one op fewer per decoding call)."""
+    is_causal, mask, own_seen = _own_key_mask(key_ok, causal, dims, qt.dtype)
+    out, lse = _flash_cpu(qt, kt, vt, is_causal, mask, scale)
     if own_seen is not None:
         lse.masked_fill_(~own_seen, float("-inf"))
     for task, rows, n_slots in parts:
@@ -354,9 +357,19 @@ def _forward_fused_cpu(q, k, v, prefix_k, prefix_v, parts, key_ok, causal, scale
             out, lse = _merge(out, lse, o_pre, lse_pre, with_lse=need_lse)
         else:
             out[rows], lse[rows] = _merge(out[rows], lse[rows], o_pre, lse_pre)
-    # Contiguous (B, Lq, H, D) and (B, H, Lq), as the custom op's fake promises (out already is: the kernel's
-    # (B, Lq, H, D) memory).
-    return _as(out.transpose(1, 2).contiguous(), q.dtype), None if lse is None else lse.contiguous()
+    return out, lse
+
+
+def forward_heads_first(qt, kt, vt, prefix_k, prefix_v, args: AttnArgs, need_lse: bool = True):
+    """``forward_unchecked`` on the fused CPU path (``uses_fused_cpu_kernel``) for heads-first qt (B, H, Lq, D),
+    kt, vt (B, Hkv, Lk, D), the transposes of the op's q, k, v, as transformers' attention layers hold them (no
+    transposes to take and undo, about 3 us each on torch 2.11): (out (B, Lq, H, D), lse (B, H, Lq) or None
+    without need_lse), contiguous, as the custom op's fake promises (out already is: the kernel writes
+    (B, Lq, H, D) memory)."""
+    prefix_idx, prefix_lens, attention_mask, causal, scale, _, _, dims = args
+    out, lse = _forward_fused_cpu(qt, kt, vt, prefix_k, prefix_v, _prefix_parts(prefix_idx, prefix_lens, dims),
+                                  _visible_keys(attention_mask), causal, scale, dims, need_lse)
+    return out.transpose(1, 2).contiguous(), None if lse is None else lse.contiguous()
 
 
 # Query rows x prefix slots from which a prefix part runs as one batch of n * Lq query rows (see _prefix_part).
@@ -591,9 +604,9 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state, ne
     that does not return it."""
     prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims = args
     scale = default_scale(dims.head_dim, softmax_scale)
-    if _use_fused_cpu_kernel(q, dims, dropout_p):
-        return _forward_fused_cpu(q, k, v, prefix_k, prefix_v, _prefix_parts(prefix_idx, prefix_lens, dims),
-                                  _visible_keys(attention_mask), causal, scale, dims, need_lse)
+    if uses_fused_cpu_kernel(q, dims, dropout_p):
+        return forward_heads_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), prefix_k, prefix_v, args,
+                                   need_lse)
     if _use_dropout_cpu_path(q, dims, dropout_p, prefix_lens):
         return _forward_dropout_cpu(q, k, v, prefix_k, prefix_v, _visible_keys(attention_mask), causal, scale,
                                     dropout_p, rng_state, dims)
@@ -628,7 +641,7 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: 
     scale = default_scale(dims.head_dim, softmax_scale)
     # The fused kernel's backward is not differentiable: double backward (create_graph=True) and lse
     # gradients take the explicit path.
-    if _use_fused_cpu_kernel(q, dims, dropout_p) and dlse is None and not torch.is_grad_enabled():
+    if uses_fused_cpu_kernel(q, dims, dropout_p) and dlse is None and not torch.is_grad_enabled():
         dq, dk, dv, dpk, dpv = _backward_fused_cpu(
             dout, q, k, v, out, lse, prefix_k, prefix_v, _prefix_parts(prefix_idx, prefix_lens, dims),
             _visible_keys(attention_mask), causal, scale, dims)

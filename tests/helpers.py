@@ -178,32 +178,42 @@ def make_batch(padding=None, batch=3, length=9, seed=0, device="cpu", vocab=VOCA
     return ids.masked_fill(mask == 0, 0).to(device), mask.to(device)
 
 
-class OpSpy:
-    """Records what each call of the fused op receives from the attention function, then runs it.
+def heads_first_entry(op):
+    """``op`` (prefix_attn_func's arguments, (B, L, heads, D) tensors) as the attention function's entry,
+    ``causal_attention_heads_first`` (heads-first tensors): for tests that swap the op out."""
+    def entry(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p):
+        return op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), prefix_k, prefix_v, prefix_idx=prefix_idx,
+                  attention_mask=attention_mask, causal=True, softmax_scale=softmax_scale, dropout_p=dropout_p)
+    return entry
 
-    Each call is a dict: q, k, prefix_k, prefix_v (shapes, None when absent), k_ptr (k's data pointer:
-    a static cache's buffer is handed over as a view), prefix_idx (a list or None), mask (a clone or
-    None) and q_is_view (q is GPT-2's transposed view, not a copy).
+
+class OpSpy:
+    """Records what each call of the fused op receives from the attention function, then runs it (through
+    the attention function's own entry, heads-first, as unspied).
+
+    Each call is a dict, in the op's (B, L, heads, D) terms: q, k, prefix_k, prefix_v (shapes, None when
+    absent), k_ptr (k's data pointer: a static cache's buffer is handed over as a view), prefix_idx (a list
+    or None), mask (a clone or None) and q_is_view (q is GPT-2's transposed view, not a copy).
     """
 
     def __init__(self, monkeypatch):
         import prefix_attn.integrations.hf_attention as hf_attention
 
         self.calls = []
-        self._op = hf_attention.prefix_attn_func
-        monkeypatch.setattr(hf_attention, "prefix_attn_func", self)
+        self._entry = hf_attention.causal_attention_heads_first
+        monkeypatch.setattr(hf_attention, "causal_attention_heads_first", self)
 
-    def __call__(self, q, k, v, prefix_k=None, prefix_v=None, **kwargs):
-        mask, idx = kwargs.get("attention_mask"), kwargs.get("prefix_idx")
+    def __call__(self, q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p):
+        q_op, k_op = q.transpose(1, 2), k.transpose(1, 2)
         self.calls.append({
-            "q": tuple(q.shape), "k": tuple(k.shape), "k_ptr": k.data_ptr(),
+            "q": tuple(q_op.shape), "k": tuple(k_op.shape), "k_ptr": k.data_ptr(),
             "prefix_k": None if prefix_k is None else tuple(prefix_k.shape),
             "prefix_v": None if prefix_v is None else tuple(prefix_v.shape),
-            "prefix_idx": None if idx is None else idx.tolist(),
-            "mask": None if mask is None else mask.clone(),
-            "q_is_view": not q.is_contiguous(),
+            "prefix_idx": None if prefix_idx is None else prefix_idx.tolist(),
+            "mask": None if attention_mask is None else attention_mask.clone(),
+            "q_is_view": not q_op.is_contiguous(),
         })
-        return self._op(q, k, v, prefix_k, prefix_v, **kwargs)
+        return self._entry(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p)
 
 
 @contextlib.contextmanager
@@ -213,12 +223,12 @@ def reference_attention():
     generate() must reproduce."""
     import prefix_attn.integrations.hf_attention as hf_attention
 
-    saved = hf_attention.prefix_attn_func
-    hf_attention.prefix_attn_func = lambda *args, backend=None, **kwargs: prefix_attn_ref(*args, **kwargs)
+    saved = hf_attention.causal_attention_heads_first
+    hf_attention.causal_attention_heads_first = heads_first_entry(prefix_attn_ref)
     try:
         yield
     finally:
-        hf_attention.prefix_attn_func = saved
+        hf_attention.causal_attention_heads_first = saved
 
 
 def no_cache_generate(model, seed=123, **kwargs):

@@ -61,13 +61,13 @@ def _fsdp_worker(rank, world_size, init_file, out_dir):
         fully_shard(model, mesh=mesh)
         ids, mask = _batch()
         rows = slice(rank * ROWS, (rank + 1) * ROWS)  # equal halves, no padding: the mean of means is the mean
-        seen, op = [], hf_attention.prefix_attn_func
+        seen, entry = [], hf_attention.causal_attention_heads_first
 
-        def spy(q, k, v, prefix_k=None, prefix_v=None, **kwargs):  # the fused route, not PEFT's cache
-            seen.append((tuple(k.shape), None if prefix_k is None else tuple(prefix_k.shape)))
-            return op(q, k, v, prefix_k, prefix_v, **kwargs)
+        def spy(q, k, v, prefix_k, prefix_v, *args):  # the fused route, not PEFT's cache
+            seen.append((tuple(k.transpose(1, 2).shape), None if prefix_k is None else tuple(prefix_k.shape)))
+            return entry(q, k, v, prefix_k, prefix_v, *args)
 
-        hf_attention.prefix_attn_func = spy
+        hf_attention.causal_attention_heads_first = spy
         loss = _loss(model, ids[rows], mask[rows])
         assert seen == [((ROWS, 7, 2, 16), (P, 2, 16))] * 2, seen
         loss.backward()

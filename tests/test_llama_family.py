@@ -21,7 +21,7 @@ import prefix_attn  # noqa: E402
 import prefix_attn.integrations.hf_attention as hf_attention  # noqa: E402
 from prefix_attn import (PrefixTuning, apply_prefix_attn, apply_prefix_attn_to_peft, revert_prefix_attn,  # noqa: E402
                          revert_prefix_attn_to_peft)
-from tests.helpers import VOCAB, OpSpy, make_batch, no_cache_generate  # noqa: E402
+from tests.helpers import VOCAB, OpSpy, heads_first_entry, make_batch, no_cache_generate  # noqa: E402
 from tests.peft_checks import reference_op, assert_close, assert_runs_equal, run  # noqa: E402
 
 ATTN = hf_attention.ATTN_IMPLEMENTATION
@@ -72,7 +72,7 @@ def peft_pair(kind, projection=False, dtype=torch.float32, seed=0, attn="eager")
 def test_peft_routing_equals_peft_exactly_in_float64(monkeypatch, kind, projection, padding):
     """Positions P + i for the new tokens, unrotated prefix keys, grouped heads: to rounding. PEFT runs
     over sdpa here: Llama's eager attention takes its softmax in float32 even for float64 inputs."""
-    monkeypatch.setattr(hf_attention, "prefix_attn_func", reference_op)
+    monkeypatch.setattr(hf_attention, "causal_attention_heads_first", heads_first_entry(reference_op))
     ref, ours = peft_pair(kind, projection, dtype=torch.float64, attn="sdpa")
     ids, mask = make_batch(padding, batch=3, length=7)
     assert_runs_equal(run(ours, ids, mask), run(ref, ids, mask), tol=1e-10)

@@ -20,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForC
 import prefix_attn.integrations.hf_attention as hf_attention  # noqa: E402
 from prefix_attn import apply_prefix_attn_to_peft  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
-from tests.helpers import VOCAB, OpSpy, make_batch, no_cache_generate  # noqa: E402
+from tests.helpers import VOCAB, OpSpy, heads_first_entry, make_batch, no_cache_generate  # noqa: E402
 from tests.peft_checks import reference_op, assert_close, assert_runs_equal, run  # noqa: E402
 
 P = 5
@@ -54,7 +54,7 @@ def peft_pair(projection, seed=0, dtype=torch.float32, device="cpu", **overrides
 @pytest.mark.parametrize("padding", [None, "right", "left"])
 @pytest.mark.parametrize("projection", [False, True])
 def test_routing_equals_peft_exactly_in_float64(monkeypatch, projection, padding):
-    monkeypatch.setattr(hf_attention, "prefix_attn_func", reference_op)
+    monkeypatch.setattr(hf_attention, "causal_attention_heads_first", heads_first_entry(reference_op))
     ref, ours = peft_pair(projection, dtype=torch.float64)
     ids, mask = make_batch(padding)
     assert_runs_equal(run(ours, ids, mask), run(ref, ids, mask), tol=1e-10)

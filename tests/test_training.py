@@ -98,13 +98,13 @@ def test_native_prefix_learns_two_tasks_in_mixed_batches(projection_dim):
 
 def test_attention_dropout_is_honoured(monkeypatch):
     seen = []
-    op = hf_attention.prefix_attn_func
+    entry = hf_attention.causal_attention_heads_first
 
-    def spy(*args, dropout_p=0.0, **kwargs):
-        seen.append(dropout_p)
-        return op(*args, dropout_p=dropout_p, **kwargs)
+    def spy(*args):
+        seen.append(args[-1])  # dropout_p
+        return entry(*args)
 
-    monkeypatch.setattr(hf_attention, "prefix_attn_func", spy)
+    monkeypatch.setattr(hf_attention, "causal_attention_heads_first", spy)
     tuned = PrefixTuning(tiny_model(attn_pdrop=0.3), P, num_tasks=2)
     plain = PrefixTuning(tiny_model(attn_pdrop=0.0), P, num_tasks=2)  # same weights, no dropout
     plain.load_state_dict(tuned.state_dict())

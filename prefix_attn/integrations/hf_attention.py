@@ -8,9 +8,10 @@ registered implementation: transformers accepts every name of AttentionInterface
 - the attention function ``prefix_attn_forward`` (AttentionInterface): the attention layers of
   GPT-2, Llama, Mistral, Qwen2 (every decoder whose layers call
   ``ALL_ATTENTION_FUNCTIONS.get_interface``) hand it q (B, H, L, D) and k, v (B, Hkv, L, D), the
-  keys already rotated (RoPE) and concatenated with the cache; it passes their (B, L, H, D)
-  transposes (no copies, no repeat_kv: grouped heads go to the op as they are) to
-  ``prefix_attn_func`` with the layer's prefix (P, Hkv, D), if one travels with the forward (see
+  keys already rotated (RoPE) and concatenated with the cache; it passes them (no copies, no
+  repeat_kv: grouped heads go to the op as they are) to ``prefix_attn_func`` as their (B, L, H, D)
+  transposes (prefix_attn.api.causal_attention_heads_first: a call that builds no autograd node on
+  CPU skips the transposes) with the layer's prefix (P, Hkv, D), if one travels with the forward (see
   prefix_attn.integrations._routing), and returns (out (B, Lq, H, D), None). Prefix keys are used
   as given, never rotated, as PEFT's prefix in the cache is;
 - the mask function ``prefix_attn_mask`` (AttentionMaskInterface): it hands over the 2-D (B, Lk)
@@ -58,7 +59,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 
-from prefix_attn import prefix_attn_func
+from prefix_attn.api import causal_attention_heads_first
 from prefix_attn.integrations._traced_masks import assert_plain_causal_on_device
 from prefix_attn.integrations._versions import check_transformers_version
 from prefix_attn.torch_backend import lets_every_key_through
@@ -69,25 +70,42 @@ ATTN_IMPLEMENTATION = "prefix_attn"
 _PREVIOUS_ATTR = "_prefix_attn_previous_implementation"
 
 
-def _refuse_unsupported_attention(module: torch.nn.Module, kwargs: dict) -> None:
-    """ValueError for what a model's attention layer asks for that the fused op does not compute."""
-    if getattr(module, "is_cross_attention", False):
-        raise ValueError(f"attn_implementation={ATTN_IMPLEMENTATION!r} supports decoder self-attention only, not "
-                         "cross-attention (config.add_cross_attention=True)")
+def _refuse_unsupported_call(module: torch.nn.Module, layer_is_causal: bool, kwargs: dict) -> None:
+    """ValueError for what an attention call asks for that the fused op does not compute (the layer's own
+    attributes: ``_layer_facts``)."""
     if kwargs.get("sliding_window") is not None:
         raise ValueError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r} does not support sliding-window attention (layer "
-            f"{getattr(module, 'layer_idx', '?')} asks for a window of {kwargs['sliding_window']}): build the model "
-            "with config.sliding_window=None (Mistral) or use_sliding_window=False (Qwen2)")
+            f"{getattr(module, 'layer_idx', '?')} asks for a window of {kwargs['sliding_window']}): build the model with config.sliding_window=None "
+            "(Mistral) or use_sliding_window=False (Qwen2)")
     is_causal = kwargs.get("is_causal")
-    if is_causal is None:
-        is_causal = getattr(module, "is_causal", True)
-    if not is_causal:
+    if not (layer_is_causal if is_causal is None else is_causal):
         raise ValueError(f"attn_implementation={ATTN_IMPLEMENTATION!r} supports causal (decoder) attention only; "
                          f"{type(module).__name__} asks for non-causal attention")
     for name, what in (("softcap", "logit soft-capping"), ("s_aux", "attention sinks"), ("sinks", "attention sinks")):
         if kwargs.get(name) is not None:
             raise ValueError(f"attn_implementation={ATTN_IMPLEMENTATION!r} does not support {what} ({name}=...)")
+
+
+# Attention layer -> (its model's number of layers or None, its is_causal), read once per layer module: the
+# attributes of a transformers module and config cost microseconds each (a missing one raises inside
+# nn.Module.__getattr__), and this runs on every layer call.
+_LAYER_FACTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _layer_facts(module: torch.nn.Module) -> tuple:
+    """(n_layer or None without a config, is_causal) of an attention layer; ValueError for a cross-attention layer."""
+    compiling = torch.compiler.is_compiling()  # traced once; dynamo need not follow the weak mapping
+    facts = None if compiling else _LAYER_FACTS.get(module)
+    if facts is None:
+        if getattr(module, "is_cross_attention", False):
+            raise ValueError(f"attn_implementation={ATTN_IMPLEMENTATION!r} supports decoder self-attention only, not "
+                             "cross-attention (config.add_cross_attention=True)")
+        config = getattr(module, "config", None)
+        facts = (getattr(config, "num_hidden_layers", None), getattr(module, "is_causal", True))
+        if not compiling:
+            _LAYER_FACTS[module] = facts
+    return facts
 
 
 def prefix_attn_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -113,7 +131,8 @@ def prefix_attn_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     Returns:
         (out (B, Lq, H, D), None): no attention weights are materialised.
     """
-    _refuse_unsupported_attention(module, kwargs)
+    n_layer, layer_is_causal = _layer_facts(module)
+    _refuse_unsupported_call(module, layer_is_causal, kwargs)
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r} takes the 2-D (batch, seqlen) padding mask, got an "
@@ -122,7 +141,6 @@ def prefix_attn_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         key, value = filled_slots(key, value, attention_mask.shape[-1])
     prefix_k = prefix_v = None
     if prefix_kv is not None:
-        n_layer = _num_layers(module)
         if len(prefix_kv) != n_layer:
             raise ValueError(f"prefix_kv must hold (k, v) for each of the model's {n_layer} layers, got "
                              f"{len(prefix_kv)}")
@@ -134,25 +152,9 @@ def prefix_attn_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
             prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
     elif prefix_idx is not None:
         raise ValueError("prefix_idx was given without prefix_kv")
-    out = prefix_attn_func(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), prefix_k, prefix_v,
-        prefix_idx=prefix_idx, attention_mask=attention_mask, causal=True, softmax_scale=scaling,
-        dropout_p=dropout, backend="auto")
+    out = causal_attention_heads_first(query, key, value, prefix_k, prefix_v, prefix_idx, attention_mask, scaling,
+                                       dropout)
     return out, None
-
-
-# Attention layer -> its model's number of layers, read from the config once per layer module (a
-# transformers config attribute costs microseconds, and the check runs on every layer call).
-_NUM_LAYERS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
-
-
-def _num_layers(module: torch.nn.Module) -> int:
-    if torch.compiler.is_compiling():  # traced once; dynamo need not follow the weak mapping
-        return module.config.num_hidden_layers
-    n_layer = _NUM_LAYERS.get(module)
-    if n_layer is None:
-        n_layer = _NUM_LAYERS[module] = module.config.num_hidden_layers
-    return n_layer
 
 
 def filled_slots(key: torch.Tensor, value: torch.Tensor, n_filled: int) -> tuple[torch.Tensor, torch.Tensor]:
