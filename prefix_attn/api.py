@@ -178,7 +178,7 @@ def _metadata(x):
 
 
 def _fused_cpu_call(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p):
-    """[dims, scale] of a checked heads-first call that runs on the fused CPU path, or False."""
+    """(dims, scale) of a checked heads-first call that runs on the fused CPU path, or None."""
     try:
         seqlen_q, seqlen_k = q.shape[2], k.shape[2]
         signature = (os.environ.get(ENV_VAR), type(softmax_scale), softmax_scale, q.shape, q.dtype,
@@ -200,9 +200,15 @@ def _fused_cpu_call(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, sof
             if len(_FUSED_CPU_CALLS) >= _MAX_VALIDATED:
                 _FUSED_CPU_CALLS.clear()
             _FUSED_CPU_CALLS[signature] = found
-    elif found and found[0].seqlen_k != seqlen_k:
-        found[0] = dataclasses.replace(found[0], seqlen_k=seqlen_k)  # the next layers' calls find it as it is
-    return found
+        return tuple(found) if found else None
+    if not found:
+        return None
+    dims, scale = found
+    if dims.seqlen_k != seqlen_k:
+        # The entry keeps the latest sizes, so that the step's other layer calls find them as they are (threads
+        # may overwrite each other's: any of them is the right template; the sizes returned are this call's).
+        dims = found[0] = dataclasses.replace(dims, seqlen_k=seqlen_k)
+    return dims, scale
 
 
 def causal_attention_heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
@@ -229,7 +235,7 @@ def causal_attention_heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if (type(q) is torch.Tensor and q.device.type == "cpu" and not dropout_p and not torch.compiler.is_compiling()
             and not _needs_graph(q, k, v, prefix_k, prefix_v)):
         found = _fused_cpu_call(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p)
-        if found:
+        if found is not None:
             dims, scale = found
             if not dims.has_prefix:  # P = 0 is plain attention
                 prefix_k = prefix_v = prefix_idx = None

@@ -153,3 +153,19 @@ def test_a_decoding_loop_stays_on_one_signature(monkeypatch):
             causal_attention_heads_first(torch.randn(B, H, 10, D), k, v, prefix_k, prefix_v, None, None, None, 0.0)
         with pytest.raises(ValueError, match="must be 4-D"):
             causal_attention_heads_first(q, k[0], v[0], prefix_k, prefix_v, None, None, None, 0.0)
+
+
+def test_sizes_returned_are_the_calls_own_when_threads_share_an_entry(monkeypatch):
+    """Regression: the entry's sizes follow the latest seqlen_k; a call returns its own, never the shared
+    template another thread may be overwriting."""
+    monkeypatch.setattr(api, "_FUSED_CPU_CALLS", {})
+    q = torch.randn(2, 2, 1, 16)
+    sizes = []
+    with torch.no_grad():
+        for seqlen_k in (5, 7, 5):
+            k = torch.randn(2, 2, seqlen_k, 16)
+            dims, _ = api._fused_cpu_call(q, k, k, None, None, None, None, None, 0.0)
+            sizes.append(dims.seqlen_k)
+        held = api._fused_cpu_call(q, k, k, None, None, None, None, None, 0.0)
+        api._fused_cpu_call(q, torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16), None, None, None, None, None, 0.0)
+    assert sizes == [5, 7, 5] and held[0].seqlen_k == 5  # the later call did not change what was returned
