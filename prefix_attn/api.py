@@ -1,6 +1,5 @@
 """The public op: prefix_attn_func."""
 import dataclasses
-import os
 from typing import Optional, Union
 
 import torch
@@ -9,7 +8,7 @@ from prefix_attn import ops, torch_backend
 from prefix_attn.args import AttnArgs
 from prefix_attn.autograd import EagerPrefixAttnFunction, PrefixAttnFunction
 from prefix_attn.autograd import forward as attention_forward
-from prefix_attn.backend import ENV_VAR, resolve_backend
+from prefix_attn.backend import backend_override, resolve_backend
 from prefix_attn.checks import check_attention_inputs, check_prefix_values, check_row_offsets_fit_int32, default_scale
 
 # Up to torch 2.14 torch.autograd.Function.apply is a Python wrapper (functorch checks) around the C apply;
@@ -174,19 +173,21 @@ def _op_layout(x):
 
 
 def _metadata(x):
-    return None if x is None else (type(x), x.shape, x.dtype, x.device)
+    # is_cpu, not device: every tensor of the call must be on q's device, the CPU here, and reading x.device
+    # builds a torch.device (about 3 K instructions, most of a signature's cost with four of them).
+    return None if x is None else (type(x), x.shape, x.dtype, x.is_cpu)
 
 
 def _fused_cpu_call(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p):
     """(dims, scale) of a checked heads-first call that runs on the fused CPU path, or None."""
     try:
         seqlen_q, seqlen_k = q.shape[2], k.shape[2]
-        signature = (os.environ.get(ENV_VAR), type(softmax_scale), softmax_scale, q.shape, q.dtype,
-                     type(k), k.dtype, k.device, k.shape[:2], k.shape[3:], seqlen_q <= seqlen_k, seqlen_k > 0,
-                     type(v), v.dtype, v.device, v.shape == k.shape,
+        signature = (backend_override(), type(softmax_scale), softmax_scale, q.shape, q.dtype,
+                     type(k), k.dtype, k.is_cpu, k.shape[:2], k.shape[3:], seqlen_q <= seqlen_k, seqlen_k > 0,
+                     type(v), v.dtype, v.is_cpu, v.shape == k.shape,
                      _metadata(prefix_k), _metadata(prefix_v), _metadata(prefix_idx),
                      None if attention_mask is None else (type(attention_mask), attention_mask.dtype,
-                                                          attention_mask.device, attention_mask.dim(),
+                                                          attention_mask.is_cpu, attention_mask.dim(),
                                                           attention_mask.shape == (q.shape[0], seqlen_k)))
         found = _FUSED_CPU_CALLS.get(signature)
     except (AttributeError, TypeError, IndexError):  # not a 4-D tensor: the checks below say which argument
@@ -232,7 +233,7 @@ def causal_attention_heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     checks as much again, where a tiny decoding layer call costs about 50 us in all (torch 2.11). The
     same checks run, once per signature. Every other call goes through prefix_attn_func.
     """
-    if (type(q) is torch.Tensor and q.device.type == "cpu" and not dropout_p and not torch.compiler.is_compiling()
+    if (type(q) is torch.Tensor and q.is_cpu and not dropout_p and not torch.compiler.is_compiling()
             and not _needs_graph(q, k, v, prefix_k, prefix_v)):
         found = _fused_cpu_call(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p)
         if found is not None:

@@ -1,5 +1,7 @@
 """Every bad input raises ValueError or TypeError naming the argument, on both backends,
 before any kernel runs."""
+import os
+
 import pytest
 import torch
 
@@ -121,3 +123,20 @@ def test_environment_override(monkeypatch):
     monkeypatch.setenv("PREFIX_ATTN_BACKEND", "fast")
     with pytest.raises(ValueError, match="PREFIX_ATTN_BACKEND"):
         resolve_backend("auto", torch.device(DEVICE))
+
+
+def test_environment_override_is_read_on_every_call(monkeypatch):
+    """backend_override reads os.environ's own mapping (not os.environ.get, 1 us per call): it must follow every
+    change made through os.environ, as os.environ.get would."""
+    from prefix_attn.backend import backend_override
+
+    monkeypatch.delenv("PREFIX_ATTN_BACKEND", raising=False)
+    assert backend_override() is None
+    monkeypatch.setenv("PREFIX_ATTN_BACKEND", "torch")
+    assert backend_override() == "torch" == os.environ.get("PREFIX_ATTN_BACKEND")
+    os.environ["PREFIX_ATTN_BACKEND"] = "triton"
+    assert backend_override() == "triton"
+    monkeypatch.delenv("PREFIX_ATTN_BACKEND")
+    assert backend_override() is None
+    expected = "torch" if torch.device(DEVICE).type == "cpu" else "triton"
+    assert resolve_backend("auto", torch.device(DEVICE)) == expected

@@ -83,6 +83,11 @@ def test_checks_and_errors_are_the_public_functions(monkeypatch):
         causal_attention_heads_first(q, k, v, prefix_k, prefix_v, prefix_idx, None, None, 0.0)  # checked, kept
         with pytest.raises(ValueError, match="prefix_k has 1 heads but k has 2"):
             causal_attention_heads_first(q, k, v, prefix_k[:, :, :1], prefix_v[:, :, :1], prefix_idx, None, None, 0.0)
+        with pytest.raises(ValueError, match="k is on meta but q is on cpu"):
+            causal_attention_heads_first(q, k.to("meta"), v.to("meta"), prefix_k, prefix_v, prefix_idx, None, None, 0.0)
+        with pytest.raises(ValueError, match="prefix_k is on meta but q is on cpu"):
+            causal_attention_heads_first(q, k, v, prefix_k.to("meta"), prefix_v.to("meta"), prefix_idx, None, None,
+                                         0.0)
         with pytest.raises(TypeError, match="k has dtype torch.float16 but q has torch.float32"):
             causal_attention_heads_first(q, k.half(), v.half(), prefix_k, prefix_v, prefix_idx, None, None, 0.0)
         with pytest.raises(ValueError, match="attention_mask must have shape"):

@@ -87,24 +87,28 @@ def _refuse_unsupported_call(module: torch.nn.Module, layer_is_causal: bool, kwa
             raise ValueError(f"attn_implementation={ATTN_IMPLEMENTATION!r} does not support {what} ({name}=...)")
 
 
-# Attention layer -> (its model's number of layers or None, its is_causal), read once per layer module: the
-# attributes of a transformers module and config cost microseconds each (a missing one raises inside
-# nn.Module.__getattr__), and this runs on every layer call.
-_LAYER_FACTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# id(attention layer) -> (weak reference to it, (its model's number of layers or None, its is_causal)), read
+# once per layer module: the attributes of a transformers module and config cost microseconds each (a missing
+# one raises inside nn.Module.__getattr__), and this runs on every layer call. Keyed by id with the weak
+# reference checked, not a WeakKeyDictionary, whose lookups build a weak reference each time (about 3 K
+# instructions per layer call).
+_LAYER_FACTS: dict = {}
 
 
 def _layer_facts(module: torch.nn.Module) -> tuple:
     """(n_layer or None without a config, is_causal) of an attention layer; ValueError for a cross-attention layer."""
-    compiling = torch.compiler.is_compiling()  # traced once; dynamo need not follow the weak mapping
-    facts = None if compiling else _LAYER_FACTS.get(module)
-    if facts is None:
-        if getattr(module, "is_cross_attention", False):
-            raise ValueError(f"attn_implementation={ATTN_IMPLEMENTATION!r} supports decoder self-attention only, not "
-                             "cross-attention (config.add_cross_attention=True)")
-        config = getattr(module, "config", None)
-        facts = (getattr(config, "num_hidden_layers", None), getattr(module, "is_causal", True))
-        if not compiling:
-            _LAYER_FACTS[module] = facts
+    compiling = torch.compiler.is_compiling()  # traced once; dynamo need not follow the mapping
+    entry = None if compiling else _LAYER_FACTS.get(id(module))
+    if entry is not None and entry[0]() is module:
+        return entry[1]
+    if getattr(module, "is_cross_attention", False):
+        raise ValueError(f"attn_implementation={ATTN_IMPLEMENTATION!r} supports decoder self-attention only, not "
+                         "cross-attention (config.add_cross_attention=True)")
+    config = getattr(module, "config", None)
+    facts = (getattr(config, "num_hidden_layers", None), getattr(module, "is_causal", True))
+    if not compiling:
+        key = id(module)
+        _LAYER_FACTS[key] = (weakref.ref(module, lambda _ref, key=key: _LAYER_FACTS.pop(key, None)), facts)
     return facts
 
 
