@@ -157,7 +157,6 @@ def prefix_attn_func(
     return (out, lse) if return_lse else out
 
 
-
 # Heads-first calls found fit for the fused CPU path: signature -> [dims, softmax scale], or False for a call that
 # goes through prefix_attn_func (another backend or path). A signature holds what the checks read, and no more:
 # no strides (only the Triton launchers' int32 offset check reads them) and, of seqlen_k, only how it compares
