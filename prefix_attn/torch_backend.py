@@ -229,7 +229,8 @@ def _causal_hidden(start: int, stop: int, seqlen_q: int, seqlen_k: int, device: 
 def uses_fused_cpu_kernel(q, dims: AttnDims, dropout_p: float) -> bool:
     """Whether a forward runs on the fused CPU path (CPU tensors, no dropout, not empty)."""
     # Empty calls stay on the explicit path: the fused kernel dies of a division by zero (SIGFPE) at Lq = 0.
-    return q.device.type == "cpu" and dropout_p == 0.0 and q.numel() > 0 and dims.seqlen_k > 0
+    # is_cpu: q.device builds a torch.device (about 4 K instructions), and this runs on every CPU call.
+    return q.is_cpu and dropout_p == 0.0 and q.numel() > 0 and dims.seqlen_k > 0
 
 
 @functools.lru_cache(maxsize=16)
@@ -445,7 +446,7 @@ def _backward_fused_cpu(dout, q, k, v, out, lse, prefix_k, prefix_v, parts, key_
 # ---- CPU with dropout: a shared prefix, equal heads, one query chunk (see the module docstring) -----------
 
 def _use_dropout_cpu_path(q, dims: AttnDims, dropout_p: float, prefix_lens) -> bool:
-    return (q.device.type == "cpu" and dropout_p > 0.0 and q.numel() > 0 and dims.has_prefix and not dims.is_bank
+    return (q.is_cpu and dropout_p > 0.0 and q.numel() > 0 and dims.has_prefix and not dims.is_bank
             and prefix_lens is None and dims.group_size == 1 and _chunk_rows(dims) >= dims.seqlen_q)
 
 

@@ -76,8 +76,8 @@ def _refuse_unsupported_call(module: torch.nn.Module, layer_is_causal: bool, kwa
     if kwargs.get("sliding_window") is not None:
         raise ValueError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r} does not support sliding-window attention (layer "
-            f"{getattr(module, 'layer_idx', '?')} asks for a window of {kwargs['sliding_window']}): build the model with config.sliding_window=None "
-            "(Mistral) or use_sliding_window=False (Qwen2)")
+            f"{getattr(module, 'layer_idx', '?')} asks for a window of {kwargs['sliding_window']}): build the model "
+            "with config.sliding_window=None (Mistral) or use_sliding_window=False (Qwen2)")
     is_causal = kwargs.get("is_causal")
     if not (layer_is_causal if is_causal is None else is_causal):
         raise ValueError(f"attn_implementation={ATTN_IMPLEMENTATION!r} supports causal (decoder) attention only; "
