@@ -157,12 +157,13 @@ def prefix_attn_func(
     return (out, lse) if return_lse else out
 
 
-# Heads-first calls found fit for the fused CPU path: signature -> [dims, softmax scale], or False for a call that
-# goes through prefix_attn_func (another backend or path). A signature holds what the checks read, and no more:
-# no strides (only the Triton launchers' int32 offset check reads them) and, of seqlen_k, only how it compares
-# (Lq <= Lk, Lk > 0, the mask's length): a decoding loop, whose keys grow by one each step, stays on one entry
-# (each step's first layer call would otherwise run every check, 40-80 us on the 2-core CPU, torch 2.11).
-_FUSED_CPU_CALLS: dict = {}
+# Heads-first calls on CPU tensors found fit for the torch backend: signature -> [dims, softmax scale, whether the
+# fused CPU path runs them], or False for a call that goes through prefix_attn_func (another backend). A signature
+# holds what the checks read, and no more: no strides (only the Triton launchers' int32 offset check reads them)
+# and, of seqlen_k, only how it compares (Lq <= Lk, Lk > 0, the mask's length): a decoding loop, whose keys grow
+# by one each step, stays on one entry (each step's first layer call would otherwise run every check, 40-80 us
+# on the 2-core CPU, torch 2.11).
+_CPU_CALLS: dict = {}
 
 
 def _op_layout(x):
@@ -177,38 +178,39 @@ def _metadata(x):
     return None if x is None else (type(x), x.shape, x.dtype, x.is_cpu)
 
 
-def _fused_cpu_call(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p):
-    """(dims, scale) of a checked heads-first call that runs on the fused CPU path, or None."""
+def _cpu_call(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p):
+    """(dims, scale, fused) of a checked heads-first call that the torch backend runs (fused: on its fused CPU
+    path, given no dropout and no autograd node), or None."""
     try:
         seqlen_q, seqlen_k = q.shape[2], k.shape[2]
-        signature = (backend_override(), type(softmax_scale), softmax_scale, q.shape, q.dtype,
-                     type(k), k.dtype, k.is_cpu, k.shape[:2], k.shape[3:], seqlen_q <= seqlen_k, seqlen_k > 0,
-                     type(v), v.dtype, v.is_cpu, v.shape == k.shape,
+        signature = (backend_override(), type(softmax_scale), softmax_scale, type(dropout_p), dropout_p,
+                     q.shape, q.dtype, type(k), k.dtype, k.is_cpu, k.shape[:2], k.shape[3:], seqlen_q <= seqlen_k,
+                     seqlen_k > 0, type(v), v.dtype, v.is_cpu, v.shape == k.shape,
                      _metadata(prefix_k), _metadata(prefix_v), _metadata(prefix_idx),
                      None if attention_mask is None else (type(attention_mask), attention_mask.dtype,
                                                           attention_mask.is_cpu, attention_mask.dim(),
                                                           attention_mask.shape == (q.shape[0], seqlen_k)))
-        found = _FUSED_CPU_CALLS.get(signature)
+        found = _CPU_CALLS.get(signature)
     except (AttributeError, TypeError, IndexError):  # not a 4-D tensor: the checks below say which argument
         signature = found = None
     if found is None:
         dims, chosen = _check_call(*map(_op_layout, (q, k, v)), prefix_k, prefix_v, prefix_idx, None, attention_mask,
                                    dropout_p, softmax_scale, "auto")
-        found = (chosen == "torch" and torch_backend.uses_fused_cpu_kernel(q, dims, dropout_p)
-                 and [dims, default_scale(dims.head_dim, softmax_scale)])
+        found = chosen == "torch" and [dims, default_scale(dims.head_dim, softmax_scale),
+                                       torch_backend.uses_fused_cpu_kernel(q, dims, dropout_p)]
         if signature is not None:
-            if len(_FUSED_CPU_CALLS) >= _MAX_VALIDATED:
-                _FUSED_CPU_CALLS.clear()
-            _FUSED_CPU_CALLS[signature] = found
+            if len(_CPU_CALLS) >= _MAX_VALIDATED:
+                _CPU_CALLS.clear()
+            _CPU_CALLS[signature] = found
         return tuple(found) if found else None
     if not found:
         return None
-    dims, scale = found
+    dims, scale, fused = found
     if dims.seqlen_k != seqlen_k:
         # The entry keeps the latest sizes, so that the step's other layer calls find them as they are (threads
         # may overwrite each other's: any of them is the right template; the sizes returned are this call's).
         dims = found[0] = dataclasses.replace(dims, seqlen_k=seqlen_k)
-    return dims, scale
+    return dims, scale, fused
 
 
 def causal_attention_heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: Optional[torch.Tensor],
@@ -226,22 +228,30 @@ def causal_attention_heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         out (batch, seqlen_q, heads, head_dim), what prefix_attn_func(q.transpose(1, 2), k.transpose(1, 2),
         v.transpose(1, 2), ...) returns, bit for bit.
 
-    A call that builds no autograd node and runs the fused CPU path (decoding and evaluation on CPU) goes
-    to the torch backend directly, with the tensors as they are: the op's layout would cost three
-    transposes here and their three inverses in the backend, and the public function's layers and
-    checks as much again, where a tiny decoding layer call costs about 50 us in all (torch 2.11). The
-    same checks run, once per signature. Every other call goes through prefix_attn_func.
+    Calls on CPU tensors that the torch backend runs skip the public function's layers: the same checks run
+    once per signature (without strides, which only the Triton launchers read), then the same autograd node
+    or, without one, the backend, with the tensors as they are (``AttnArgs.heads_first``): the op's layout
+    would cost three transposes here, their three inverses in the backend and, in training, an autograd node
+    per transpose, where a tiny decoding layer call costs about 50 us in all (torch 2.11). A call that builds
+    no autograd node on the fused CPU path (decoding and evaluation) goes to that path directly. Every other
+    call (CUDA, torch.compile, torch.func transforms, another backend) goes through prefix_attn_func.
     """
-    if (type(q) is torch.Tensor and q.is_cpu and not dropout_p and not torch.compiler.is_compiling()
-            and not _needs_graph(q, k, v, prefix_k, prefix_v)):
-        found = _fused_cpu_call(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p)
+    if (type(q) is torch.Tensor and q.is_cpu and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()):
+        found = _cpu_call(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p)
         if found is not None:
-            dims, scale = found
+            dims, scale, fused = found
             if not dims.has_prefix:  # P = 0 is plain attention
                 prefix_k = prefix_v = prefix_idx = None
-            elif prefix_idx is not None:
+            # heads_first: the backend's paths take the tensors as they are (no transposes to take here and undo
+            # there, nor their autograd nodes), and give their gradients in that layout.
+            args = AttnArgs(prefix_idx, None, attention_mask, True, scale, float(dropout_p), "torch", dims, True)
+            if _needs_graph(q, k, v, prefix_k, prefix_v):
+                return _apply_eager(q, k, v, prefix_k, prefix_v, args)[0]
+            if not fused:
+                return attention_forward(q, k, v, prefix_k, prefix_v, args, need_lse=False)[0]
+            if prefix_idx is not None:
                 check_prefix_values(prefix_idx, None, dims)
-            args = AttnArgs(prefix_idx, None, attention_mask, True, scale, 0.0, "torch", dims)
             return torch_backend.forward_heads_first(q, k, v, prefix_k, prefix_v, args, need_lse=False)[0]
     return prefix_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), prefix_k, prefix_v,
                             prefix_idx=prefix_idx, attention_mask=attention_mask, causal=True,

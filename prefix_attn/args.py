@@ -23,6 +23,9 @@ class AttnArgs(NamedTuple):
     dropout_p: float
     backend: str  # "triton" or "torch"
     dims: AttnDims
+    # q, k, v (and their gradients) heads-first, (B, heads, L, D): the integrations' CPU calls to the torch
+    # backend (prefix_attn.api.causal_attention_heads_first), whose paths read that layout as it is.
+    heads_first: bool = False
 
     def options(self) -> tuple:
         """The non-tensor fields, in order (what an autograd context keeps besides saved tensors)."""

@@ -62,7 +62,8 @@ def attention_backward(
     dq, dk, dv, dpk, dpv = autograd.backward(dout, dlse, q, k, v, out, lse, rng_state, prefix_k, prefix_v, args)
     if dpk is None:  # custom ops return tensors, not None
         dpk, dpv = q.new_empty((0,)), q.new_empty((0,))
-    return dq, dk, dv, dpk, dpv
+    # Contiguous, as the fake promises (a backend may return gradient views, e.g. the CPU dropout path's).
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dpk, dpv
 
 
 @attention_backward.register_fake

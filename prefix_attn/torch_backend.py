@@ -24,16 +24,19 @@ Three paths:
   output and lse, from which the fused kernel's recomputed probabilities and row sums are exactly those
   of the whole softmax over [prefix; keys]; the prefix part's gradient comes back per batch row (what
   SDPA over the concatenation also holds, as part of its dK and dV) and is summed in fp32. Few, large
-  ops: at small shapes a call's cost is its count of dispatched ops. Its forward works on heads-first
-  (B, H, L, D) views, the layout of the kernel and of transformers' attention layers, which
-  ``forward_heads_first`` takes as they are (the integrations' calls without autograd).
+  ops: at small shapes a call's cost is its count of dispatched ops. It works on heads-first (B, H, L, D)
+  views, the layout of the kernel and of transformers' attention layers, which the integrations' calls
+  hand over as they are (``forward_heads_first`` without autograd; ``AttnArgs.heads_first`` through the
+  autograd node, gradients in that layout too).
 - CPU tensors with dropout, a shared prefix (no bank, no prefix_lens), equal heads and one query chunk
   (GPT-2's training call): one softmax over [prefix; keys], the keep-mask the kernels' Philox mask bit
-  for bit, and the forward's probabilities and keep-mask kept for the backward (as SDPA's math path
-  keeps its own; ``_SAVED_KEEP``), so the backward does not compute the scores again. Each product is
-  one bmm over the (batch, head) matrices against [prefix; keys] (or [prefix; values]), built for that
-  product and dropped after it: one at a time, where SDPA over the concatenation keeps both from forward
-  to backward, so the peak stays at or below SDPA's (tests/test_torch_backend_dropout_cpu.py). Keeping
+  for bit, and the forward's probabilities, keep-mask and (B * H, Lq, D) fp32 queries kept for the backward
+  (as SDPA's math path keeps its own; ``_SAVED_KEEP``), so the backward does not compute them again. Each
+  product is one GEMM over the (batch, head) matrices against [prefix; keys] (or [prefix; values]), built
+  for that product and dropped after it: one at a time, where SDPA over the concatenation keeps both from
+  forward to backward, so the peak stays at or below SDPA's (tests/test_torch_backend_dropout_cpu.py). The
+  softmax scale and the dropout factor are the GEMMs' alpha; q, k, v are read heads-first, as the
+  integrations hand them over, and the gradients leave as views of the GEMMs' results. Keeping
   them from the forward saved about 20 us per call at the quick sweep's tiny shape and raised the peak of
   a GPT-2 small training step on CPU (B 4, L 64, P 10) from 0.97x to 1.03x PEFT's: not kept. Separate
   GEMMs against the prefix block and the keys cost a GEMM, a concatenation of scores and an add more per
@@ -367,7 +370,7 @@ def forward_heads_first(qt, kt, vt, prefix_k, prefix_v, args: AttnArgs, need_lse
     transposes to take and undo, about 3 us each on torch 2.11): (out (B, Lq, H, D), lse (B, H, Lq) or None
     without need_lse), contiguous, as the custom op's fake promises (out already is: the kernel writes
     (B, Lq, H, D) memory)."""
-    prefix_idx, prefix_lens, attention_mask, causal, scale, _, _, dims = args
+    prefix_idx, prefix_lens, attention_mask, causal, scale, _, _, dims, _ = args
     out, lse = _forward_fused_cpu(qt, kt, vt, prefix_k, prefix_v, _prefix_parts(prefix_idx, prefix_lens, dims),
                                   _visible_keys(attention_mask), causal, scale, dims, need_lse)
     return out.transpose(1, 2).contiguous(), None if lse is None else lse.contiguous()
@@ -409,16 +412,17 @@ def _merge(own_out, own_lse, o_pre, lse_pre, with_lse=True):
     return _as(out, own_out.dtype), torch.logaddexp(own_lse, lse_pre) if with_lse else None
 
 
-def _backward_fused_cpu(dout, q, k, v, out, lse, prefix_k, prefix_v, parts, key_ok, causal, scale, dims: AttnDims):
-    """Gradients from the merged out and lse (no lse gradient): the fused kernel's backward, given the whole
+def _backward_fused_cpu(dout, qt, kt, vt, out, lse, prefix_k, prefix_v, parts, key_ok, causal, scale, dims: AttnDims):
+    """Gradients from the merged out and lse (no lse gradient), of heads-first qt (B, H, Lq, D), kt, vt
+    (B, Hkv, Lk, D) (dq, dk, dv come back heads-first too): the fused kernel's backward, given the whole
     softmax's lse and output, recomputes p = exp(s - lse) and delta = rowsum(dout * out) of the softmax over
     [prefix; keys]; so it runs once on the own keys and once per prefix part, and the parts' gradients add
     up. A part's prefix gradient comes back per batch row and is summed over its rows in fp32."""
-    is_causal, mask, _ = _own_key_mask(key_ok, causal, dims, q.dtype)
+    is_causal, mask, _ = _own_key_mask(key_ok, causal, dims, qt.dtype)
     safe = _finite_lse(lse)
-    qt, dot, ot = (_as(x, q.dtype).transpose(1, 2) for x in (q, dout, out))
+    dot, ot = (_as(x, qt.dtype).transpose(1, 2) for x in (dout, out))
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dot, qt, k.transpose(1, 2), v.transpose(1, 2), ot, safe, 0.0, is_causal, attn_mask=mask, scale=scale)
+        dot, qt, kt, vt, ot, safe, 0.0, is_causal, attn_mask=mask, scale=scale)
     dpk = dpv = None
     if prefix_k is not None:
         # One part with every slot (a shared prefix): its row sums are the gradients, no zeros to add into.
@@ -440,7 +444,7 @@ def _backward_fused_cpu(dout, q, k, v, out, lse, prefix_k, prefix_v, parts, key_
             for grad, grad_rows in ((dpk, dpk_rows), (dpv, dpv_rows)):
                 (grad[task] if dims.is_bank else grad)[:n_slots].add_(grad_rows.sum(0, dtype=torch.float32).transpose(0, 1))
         dpk, dpv = _as(dpk, prefix_k.dtype).contiguous(), _as(dpv, prefix_v.dtype).contiguous()
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dpk, dpv
+    return dq, dk, dv, dpk, dpv
 
 
 # ---- CPU with dropout: a shared prefix, equal heads, one query chunk (see the module docstring) -----------
@@ -459,25 +463,40 @@ def _causal_bias(seqlen_q: int, seqlen_k: int, n_prefix: int) -> torch.Tensor:
     return torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
 
 
-def _with_prefix(prefix_x, x):
-    """[prefix; x] (B * H, P + Lk, D) fp32, contiguous, of a shared prefix (P, H, D) and x (B, Lk, H, D): built
-    for one product (see the module docstring), so that scores, outputs and each gradient are one GEMM; in
-    this layout the GEMMs read it (or its transpose) in place."""
-    both = torch.cat([prefix_x.transpose(0, 1).expand(x.shape[0], -1, -1, -1), x.transpose(1, 2)], 2)
+def _with_prefix(prefix_x, xt):
+    """[prefix; x] (B * H, P + Lk, D) fp32, contiguous, of a shared prefix (P, H, D) and heads-first xt
+    (B, H, Lk, D): built for one product (see the module docstring), so that scores, outputs and each gradient
+    are one GEMM; in this layout the GEMMs read it (or its transpose) in place."""
+    both = torch.cat([prefix_x.transpose(0, 1).expand(xt.shape[0], -1, -1, -1), xt], 2)
     return _as(both, torch.float32).view(-1, both.shape[2], both.shape[3])
 
 
-def _heads_first(x, factor: Optional[float] = None):
-    """(B, L, H, D) -> (B * H, L, D) fp32, contiguous, times ``factor`` if given: the GEMMs' batch of (batch,
-    head) matrices, a new buffer (x may be any view, an expanded gradient among them)."""
+def _batched_heads(xt):
+    """Heads-first (B, H, L, D) -> (B * H, L, D) fp32, contiguous: the GEMMs' batch of (batch, head) matrices; a
+    view of xt when it already is fp32 and contiguous, else one copy."""
+    B, H, L, D = xt.shape
+    return _contiguous_as(xt, torch.float32).view(B * H, L, D)
+
+
+def _contiguous_as(x, dtype: torch.dtype):
+    """x contiguous in dtype, in one op at most (Tensor.to ignores memory_format when the dtype already matches)."""
+    return x.contiguous() if x.dtype == dtype else x.to(dtype, memory_format=torch.contiguous_format)
+
+
+def _heads_first(x, factor: float):
+    """(B, L, H, D) -> (B * H, L, D) fp32 times ``factor``, a new buffer (x may be any view, an expanded
+    gradient among them, and is never written)."""
     B, L, H, D = x.shape
     y = torch.empty((B * H, L, D), dtype=torch.float32, device=x.device)
-    if factor is None:
-        y.view(B, H, L, D).copy_(x.transpose(1, 2))
-    else:
-        # The product in fp32 (an out= of another dtype would compute it in x's dtype, then cast).
-        torch.mul(_as(x, torch.float32).transpose(1, 2), factor, out=y.view(B, H, L, D))
+    # The product in fp32 (an out= of another dtype would compute it in x's dtype, then cast).
+    torch.mul(_as(x, torch.float32).transpose(1, 2), factor, out=y.view(B, H, L, D))
     return y
+
+
+def _split_heads(y, B: int, dtype: torch.dtype):
+    """(B * H, L, D) -> its heads-first (B, H, L, D) view in dtype (a copy only for another dtype): how the
+    gradients leave the backward (the custom op, whose fake promises contiguous gradients, makes them so)."""
+    return _as(y.view(B, -1, y.shape[1], y.shape[2]), dtype)
 
 
 def _factor(keep):
@@ -487,9 +506,10 @@ def _factor(keep):
     return keep.view(torch.uint8)
 
 
-def _dropout_cpu_probs(qt, kk, key_ok, causal, scale, dims: AttnDims):
-    """qt (B * H, Lq, D), kk = [prefix; keys] (B * H, P + Lk, D), fp32 -> (p (B * H, Lq, P + Lk), lse (B * H, Lq)).
-    Every row sees the P prefix slots, so none is empty and one softmax gives p; lse = max - log(max p)."""
+def _dropout_cpu_probs(qt, kk, key_ok, causal, scale, dims: AttnDims, need_lse: bool = True):
+    """qt (B * H, Lq, D), kk = [prefix; keys] (B * H, P + Lk, D), fp32 -> (p (B * H, Lq, P + Lk), lse (B * H, Lq),
+    None without need_lse). Every row sees the P prefix slots, so none is empty and one softmax gives p;
+    lse = max - log(max p)."""
     Lq, P = qt.shape[1], dims.prefix_len
     if causal:
         s = torch.baddbmm(_causal_bias(Lq, dims.seqlen_k, P), qt, kk.transpose(1, 2), alpha=scale)
@@ -499,19 +519,26 @@ def _dropout_cpu_probs(qt, kk, key_ok, causal, scale, dims: AttnDims):
         hidden = torch.nn.functional.pad(torch.where(key_ok, 0.0, float("-inf")), (P, 0))  # (B, P + Lk)
         s.view(dims.batch, dims.heads, Lq, -1).add_(hidden[:, None, None, :])
     p = torch.softmax(s, dim=-1)
-    return p, s.amax(-1).sub_(p.amax(-1).log_())
+    return p, s.amax(-1).sub_(p.amax(-1).log_()) if need_lse else None
 
 
-def _forward_dropout_cpu(q, k, v, prefix_k, prefix_v, key_ok, causal, scale, dropout_p, rng, dims: AttnDims):
-    B, Lq, H, D = q.shape
+def _forward_dropout_cpu(q, k, v, prefix_k, prefix_v, key_ok, causal, scale, dropout_p, rng, dims: AttnDims,
+                         need_lse: bool = True):
+    """(out (B, Lq, H, D) contiguous, lse (B, H, Lq) or None without need_lse) of heads-first q (B, H, Lq, D),
+    k, v (B, H, Lk, D)."""
+    B, H, Lq, D = q.shape
     seed, offset, key, _ = _keep_key(rng, dropout_p, dims, slice(0, Lq))
-    p, lse = _dropout_cpu_probs(_heads_first(q), _with_prefix(prefix_k, k), key_ok, causal, scale, dims)
-    # Kept unpacked with p (1.25x a score-sized fp32 tensor where SDPA's math path keeps 2.25x: its softmax
-    # output, the dropped probabilities and its bool mask); the chunked backward, if it runs, draws it again.
-    keep = _dropout_cpu_keep(seed, offset, dropout_p, dims)
-    _saved_for(rng)[key + ("probs",)] = (p, keep)
-    o = torch.bmm(p * _factor(keep), _with_prefix(prefix_v, v)).mul_(keep_scale(dropout_p))
-    return _as(o.view(B, H, Lq, D).transpose(1, 2).contiguous(), q.dtype), lse.view(B, H, Lq)
+    qt = _batched_heads(q)
+    p, lse = _dropout_cpu_probs(qt, _with_prefix(prefix_k, k), key_ok, causal, scale, dims, need_lse)
+    keep = _factor(_dropout_cpu_keep(seed, offset, dropout_p, dims))
+    # Kept with p (1.25x a score-sized fp32 tensor where SDPA's math path keeps 2.25x: its softmax output, the
+    # dropped probabilities and its bool mask) and q's (B * H, Lq, D) fp32 copy (q itself for fp32 heads-first
+    # memory); the chunked backward, if it runs, computes them again.
+    _saved_for(rng)[key + ("probs",)] = (qt, p, keep)
+    # keep_scale as the GEMM's alpha; beta = 0: the input (any tensor of the output's shape) is not read.
+    o = torch.baddbmm(qt, p * keep, _with_prefix(prefix_v, v), beta=0.0, alpha=keep_scale(dropout_p))
+    out = _contiguous_as(o.view(B, H, Lq, D).transpose(1, 2), q.dtype)
+    return out, None if lse is None else lse.view(B, H, Lq)
 
 
 def _dropout_cpu_keep(seed: int, offset: int, dropout_p: float, dims: AttnDims) -> torch.Tensor:
@@ -522,51 +549,52 @@ def _dropout_cpu_keep(seed: int, offset: int, dropout_p: float, dims: AttnDims) 
 
 def _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, key_ok, causal, scale, dropout_p, rng,
                           dims: AttnDims):
-    """The gradients from the forward's p and keep-mask, taken out of _SAVED_KEEP (p is overwritten here; a second
-    backward of a retained graph, the custom op's rng_state, or a cleared _SAVED_KEEP compute both again by the
-    forward's ops: the same bits). Each buffer is dropped once used: the peak stays below SDPA's backward.
-    Every product is one bmm over the (batch, head) matrices (B * H, ., .)."""
-    B, Lq, H, D = q.shape
-    qt = _heads_first(q)
-    p, keep = _saved_probs(qt, k, prefix_k, key_ok, causal, scale, dropout_p, rng, dims)
+    """The gradients from the forward's q copy, p and keep-mask, taken out of _SAVED_KEEP (p is overwritten here;
+    a second backward of a retained graph, the custom op's rng_state, or a cleared _SAVED_KEEP compute them
+    again by the forward's ops: the same bits). Each buffer is dropped once used: the peak stays below SDPA's
+    backward. Every product is one GEMM over the (batch, head) matrices (B * H, ., .), with the softmax scale
+    as its alpha. q, k, v heads-first, (B, H, L, D), and so are dq, dk, dv: views of their (B * H, L, D) GEMM
+    results (_split_heads)."""
+    B, H, Lq, D = q.shape
+    qt, p, keep = _saved_probs(q, k, prefix_k, key_ok, causal, scale, dropout_p, rng, dims)
     # keep_scale folded into dout: dV = (p * keep)^T (dout * s), dP = ((dout * s) V^T) * keep.
     do_s = _heads_first(dout, keep_scale(dropout_p))  # (B * H, Lq, D)
     delta = torch.linalg.vecdot(_as(dout, torch.float32), _as(out, torch.float32))  # (B, Lq, H)
     if dlse is not None:
         delta = delta - dlse.float().transpose(1, 2)
-    # dS = p * (dP * keep - delta), times the softmax scale that dQ and d[prefix_k; k] both carry.
+    # dS = p * (dP * keep - delta); the softmax scale that dQ and d[prefix_k; k] both carry is their GEMMs' alpha.
     ds = torch.bmm(do_s, _with_prefix(prefix_v, v).transpose(1, 2))
-    ds.mul_(_factor(keep)).view(B, H, Lq, -1).sub_(delta.transpose(1, 2)[..., None])  # delta per (b, h) row
-    ds.mul_(p).mul_(scale)
-    dq = torch.bmm(ds, _with_prefix(prefix_k, k)).view(B, H, Lq, D).transpose(1, 2)
-    dq = _as(dq.contiguous(), q.dtype)
-    dk, dpk = _own_and_prefix_grads(torch.bmm(ds.transpose(1, 2), qt), k, prefix_k)
-    del ds
+    ds.mul_(keep).view(B, H, Lq, -1).sub_(delta.transpose(1, 2)[..., None])  # delta per (b, h) row
+    ds.mul_(p)
+    kk = _with_prefix(prefix_k, k)
+    dq = torch.baddbmm(qt, ds, kk, beta=0.0, alpha=scale)
+    dk, dpk = _own_and_prefix_grads(torch.baddbmm(kk, ds.transpose(1, 2), qt, beta=0.0, alpha=scale), k, prefix_k)
+    del ds, kk
     # p becomes p * keep in place: no third score-sized buffer.
-    dv, dpv = _own_and_prefix_grads(torch.bmm(p.mul_(_factor(keep)).transpose(1, 2), do_s), v, prefix_v)
-    return dq, dk, dv, dpk, dpv
+    dv, dpv = _own_and_prefix_grads(torch.bmm(p.mul_(keep).transpose(1, 2), do_s), v, prefix_v)
+    return _split_heads(dq, B, q.dtype), dk, dv, dpk, dpv
 
 
-def _saved_probs(qt, k, prefix_k, key_ok, causal, scale, dropout_p, rng, dims: AttnDims):
-    """(p, keep) (B * H, Lq, P + Lk) of the forward, popped from _SAVED_KEEP, or computed again when it is not
-    there."""
+def _saved_probs(q, k, prefix_k, key_ok, causal, scale, dropout_p, rng, dims: AttnDims):
+    """(qt, p, keep) of the forward, popped from _SAVED_KEEP, or computed again when they are not there."""
     seed, offset, key, _ = _keep_key(rng, dropout_p, dims, slice(0, dims.seqlen_q))
     saved = _SAVED_KEEP.get(id(rng), {}).pop(key + ("probs",), None)
     if saved is not None:
         return saved
-    p = _dropout_cpu_probs(qt, _with_prefix(prefix_k, k), key_ok, causal, scale, dims)[0]
-    return p, _dropout_cpu_keep(seed, offset, dropout_p, dims)
+    qt = _batched_heads(q)
+    p = _dropout_cpu_probs(qt, _with_prefix(prefix_k, k), key_ok, causal, scale, dims, need_lse=False)[0]
+    return qt, p, _factor(_dropout_cpu_keep(seed, offset, dropout_p, dims))
 
 
 def _own_and_prefix_grads(d_all, x, prefix_x):
-    """d[prefix; x] (B * H, P + Lk, D) fp32 -> (dx (B, Lk, H, D), dprefix (P, H, D) summed over the batch), each
-    contiguous in its input's dtype. The batch-sized prefix rows are what SDPA over the concatenation holds
-    in its dK and dV."""
-    P, H, D = prefix_x.shape
-    d_all = d_all.view(-1, H, d_all.shape[1], D)
-    own = d_all.narrow(2, P, d_all.shape[2] - P)  # narrow: a slice without Python's indexing machinery
-    return (_as(own.transpose(1, 2).contiguous(), x.dtype),
-            _as(d_all.narrow(2, 0, P).sum(0).transpose(0, 1).contiguous(), prefix_x.dtype))
+    """d[prefix; x] (B * H, P + Lk, D) fp32 -> (dx (B, H, Lk, D) a view (_split_heads), dprefix (P, H, D) summed
+    over the batch), in their inputs' dtypes. The batch-sized prefix rows are what SDPA over the
+    concatenation holds in its dK and dV."""
+    P = prefix_x.shape[0]
+    own = d_all.narrow(1, P, d_all.shape[1] - P)  # narrow: a slice without Python's indexing machinery
+    prefix_rows = d_all.narrow(1, 0, P)
+    dprefix = prefix_rows.view(x.shape[0], -1, P, prefix_rows.shape[2]).sum(0).transpose(0, 1)
+    return _split_heads(own, x.shape[0], x.dtype), _as(dprefix.contiguous(), prefix_x.dtype)
 
 
 def _accumulate(total, x):
@@ -600,17 +628,25 @@ def _visible_keys(attention_mask):
     return attention_mask != 0
 
 
+def _transposed(q, k, v):
+    """The other layout's views: (B, L, H, D) <-> heads-first (B, H, L, D)."""
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
 def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state, need_lse: bool = True):
-    """(out, lse); need_lse=False lets a path skip the lse (it may then be None): a call without autograd
-    that does not return it."""
-    prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims = args
+    """(out (B, Lq, H, D), lse); q, k, v in the op's layout, or heads-first with args.heads_first (the fused and
+    dropout CPU paths read that layout). need_lse=False lets a path skip the lse (it may then be None): a call
+    without autograd that does not return it."""
+    prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims, heads_first = args
     scale = default_scale(dims.head_dim, softmax_scale)
     if uses_fused_cpu_kernel(q, dims, dropout_p):
-        return forward_heads_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), prefix_k, prefix_v, args,
+        return forward_heads_first(*((q, k, v) if heads_first else _transposed(q, k, v)), prefix_k, prefix_v, args,
                                    need_lse)
     if _use_dropout_cpu_path(q, dims, dropout_p, prefix_lens):
-        return _forward_dropout_cpu(q, k, v, prefix_k, prefix_v, _visible_keys(attention_mask), causal, scale,
-                                    dropout_p, rng_state, dims)
+        return _forward_dropout_cpu(*((q, k, v) if heads_first else _transposed(q, k, v)), prefix_k, prefix_v,
+                                    _visible_keys(attention_mask), causal, scale, dropout_p, rng_state, dims, need_lse)
+    if heads_first:
+        q, k, v = _transposed(q, k, v)
     prefix, key_ok = _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims)
     qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # (B, H, Lq, D), (B, Hkv, Lk, D)
     chunk = _chunk_rows(dims)
@@ -638,18 +674,40 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state, ne
 
 
 def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: AttnArgs, rng_state):
-    prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims = args
-    scale = default_scale(dims.head_dim, softmax_scale)
+    """(dq, dk, dv, dprefix_k, dprefix_v), dq, dk, dv in q, k, v's layout (heads-first with args.heads_first),
+    possibly as views (the custom op makes them contiguous)."""
+    heads_first = args.heads_first
     # The fused kernel's backward is not differentiable: double backward (create_graph=True) and lse
     # gradients take the explicit path.
-    if uses_fused_cpu_kernel(q, dims, dropout_p) and dlse is None and not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() and (dlse is None and uses_fused_cpu_kernel(q, args.dims, args.dropout_p)
+                                        or _use_dropout_cpu_path(q, args.dims, args.dropout_p, args.prefix_lens)):
+        dq, dk, dv, dpk, dpv = _backward_cpu_path(dout, dlse, *((q, k, v) if heads_first else _transposed(q, k, v)),
+                                                  out, lse, prefix_k, prefix_v, args, rng_state)
+        return (*((dq, dk, dv) if heads_first else _transposed(dq, dk, dv)), dpk, dpv)
+    if heads_first:
+        dq, dk, dv, dpk, dpv = _backward_explicit(dout, dlse, *_transposed(q, k, v), out, lse, prefix_k, prefix_v, args,
+                                                  rng_state)
+        return (*_transposed(dq, dk, dv), dpk, dpv)
+    return _backward_explicit(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args, rng_state)
+
+
+def _backward_cpu_path(dout, dlse, qt, kt, vt, out, lse, prefix_k, prefix_v, args: AttnArgs, rng_state):
+    """The fused or the dropout CPU path's backward, of heads-first qt, kt, vt (their gradients heads-first)."""
+    prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims, _ = args
+    scale = default_scale(dims.head_dim, softmax_scale)
+    if uses_fused_cpu_kernel(qt, dims, dropout_p):
         dq, dk, dv, dpk, dpv = _backward_fused_cpu(
-            dout, q, k, v, out, lse, prefix_k, prefix_v, _prefix_parts(prefix_idx, prefix_lens, dims),
+            dout, qt, kt, vt, out, lse, prefix_k, prefix_v, _prefix_parts(prefix_idx, prefix_lens, dims),
             _visible_keys(attention_mask), causal, scale, dims)
-        return tuple(_as(g.contiguous(), x.dtype) for g, x in ((dq, q), (dk, k), (dv, v))) + (dpk, dpv)
-    if _use_dropout_cpu_path(q, dims, dropout_p, prefix_lens) and not torch.is_grad_enabled():
-        return _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, _visible_keys(attention_mask),
-                                     causal, scale, dropout_p, rng_state, dims)
+        return _as(dq, qt.dtype), _as(dk, kt.dtype), _as(dv, vt.dtype), dpk, dpv
+    return _backward_dropout_cpu(dout, dlse, qt, kt, vt, out, prefix_k, prefix_v, _visible_keys(attention_mask),
+                                 causal, scale, dropout_p, rng_state, dims)
+
+
+def _backward_explicit(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: AttnArgs, rng_state):
+    """The explicit path's backward (any call; differentiable), of q, k, v in the op's layout."""
+    prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims, _ = args
+    scale = default_scale(dims.head_dim, softmax_scale)
     prefix, key_ok = _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims)
     qf, kf, vf, dof, of = (x.float().transpose(1, 2) for x in (q, k, v, dout, out))  # k, v: (B, Hkv, Lk, D)
     delta = (dof * of).sum(-1)

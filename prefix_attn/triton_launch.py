@@ -158,7 +158,7 @@ def prefix_attn_fwd(q, k, v, prefix_k=None, prefix_v=None, prefix_idx=None, pref
 def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state, need_lse: bool = True):
     """The forward launch for inputs already validated (``args.dims`` from check_attention_inputs). The kernels
     write lse in any case (need_lse is the torch backend's option)."""
-    prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims = args
+    prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims, _ = args
     B, Lq, H, D = q.shape
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
@@ -546,7 +546,7 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: 
     same stream: so concurrent backwards on other streams never share counters, and a CUDA graph
     replays the zeroing with the rest (no host-side reset, no persistent workspace to guard).
     """
-    prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims = args
+    prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims, _ = args
     mask = attention_mask
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # see _mask_arg

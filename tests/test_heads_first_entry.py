@@ -1,7 +1,8 @@
 """The attention function's entry, prefix_attn.api.causal_attention_heads_first: transformers' heads-first
-tensors, handed to the torch backend as they are when no autograd node is needed on CPU (decoding,
-evaluation), else through prefix_attn_func. Oracle: the float64 reference; and the same bits as
-prefix_attn_func on the transposes, with the same checks and errors."""
+tensors on CPU go to the torch backend without the public function's layers (as they are when no autograd
+node is needed on the fused path: decoding, evaluation; else the same autograd node); CUDA, compiled and
+torch.func calls go through prefix_attn_func. Oracle: the float64 reference; and the same bits as
+prefix_attn_func on the transposes, outputs and gradients, with the same checks and errors."""
 import pytest
 import torch
 
@@ -57,23 +58,82 @@ def test_without_autograd_the_backend_takes_the_heads_first_tensors(monkeypatch,
     assert max_err(out, ref) <= 2 * max_err(low, ref) + ATOL[dtype]
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=str)
-def test_with_autograd_or_dropout_the_public_function_runs(monkeypatch, case):
+TRAINING_CASES = [
+    Case(P=10, B=2, Lq=9, Lk=9),  # GPT-2's training call: a shared prefix, equal heads
+    Case(P=7, B=3, Lq=6, Lk=6, mask="left", strided=True),  # padded, over fused-projection views
+    Case(P=9, T=3, B=4, Lq=5, Lk=12, mask="holes"),  # a bank, Lq < Lk
+    Case(P=6, B=2, Lq=7, Lk=7, H=4),  # grouped KV heads (Llama): see _grouped_kv
+]
+
+
+def _grouped_kv(tensors, kv_heads: int):
+    """The case's tensors with k, v and the prefix cut to their first kv_heads heads (new leaves)."""
+    cut = {"k": lambda t: t[:, :, :kv_heads], "v": lambda t: t[:, :, :kv_heads],
+           "prefix_k": lambda t: t[:, :kv_heads], "prefix_v": lambda t: t[:, :kv_heads]}
+    return {name: cut[name](t).detach().requires_grad_() if name in cut else t for name, t in tensors.items()}
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("case", TRAINING_CASES, ids=str)
+def test_with_autograd_the_same_node_runs_without_the_public_function(monkeypatch, case, dropout_p):
+    """A training call: the public function's layers skipped, its autograd node and backend run; output and
+    every gradient equal prefix_attn_func's on the transposes bit for bit (dropout: the same mask, drawn
+    from the same seed), and the float64 reference's within the bound."""
     tensors, kwargs = make_inputs(case, torch.float32)
+    if case.H == 4:
+        tensors = _grouped_kv(tensors, 2)
+    kwargs.pop("causal")
+    dout = torch.randn(case.B, case.Lq, case.H, case.D, generator=torch.Generator().manual_seed(1))
     public = _PublicCalls(monkeypatch)
-    args = _heads_first(tensors, kwargs)
-    out = causal_attention_heads_first(*args, None, 0.0)
-    assert public.count == 1
-    out.sum().backward()
-    assert all(t.grad is not None for t in tensors.values())
+    torch.manual_seed(0)
+    out = causal_attention_heads_first(*_heads_first(tensors, kwargs), None, dropout_p)
+    grads = torch.autograd.grad(out, list(tensors.values()), dout)
+    assert public.count == 0
+    torch.manual_seed(0)
+    want = api.prefix_attn_func(**tensors, **kwargs, dropout_p=dropout_p)
+    assert torch.equal(out, want)
+    for got, expected in zip(grads, torch.autograd.grad(want, list(tensors.values()), dout)):
+        assert torch.equal(got, expected)
+    if dropout_p == 0.0:
+        ref = prefix_attn_ref(**{k: v.double() for k, v in tensors.items()}, **kwargs)
+        ref_grads = torch.autograd.grad(ref, [t for t in tensors.values()], dout.double())
+        assert max_err(out, ref) < 1e-5
+        for name, got, expected in zip(tensors, grads, ref_grads):
+            assert max_err(got, expected) < 5e-5, name
+
+
+def test_dropout_without_autograd_runs_the_backend_with_the_same_bits(monkeypatch):
+    """Dropout under no_grad (a train-mode model evaluated without gradients) is not the fused path: the
+    backend's forward runs directly, with the mask the public function draws from the same seed."""
+    case = CASES[3]
+    tensors, kwargs = make_inputs(case, torch.float32, requires_grad=False)
+    kwargs.pop("causal")
+    public = _PublicCalls(monkeypatch)
     with torch.no_grad():
         torch.manual_seed(0)
-        dropped = causal_attention_heads_first(*args, None, 0.25)
-    assert public.count == 2
-    kwargs.pop("causal")
-    torch.manual_seed(0)
+        dropped = causal_attention_heads_first(*_heads_first(tensors, kwargs), None, 0.25)
+        assert public.count == 0
+        torch.manual_seed(0)
+        assert torch.equal(dropped, api.prefix_attn_func(**tensors, **kwargs, dropout_p=0.25))
+
+
+def test_compiled_and_torch_func_calls_go_through_the_public_function(monkeypatch):
+    """torch.func transforms need the public function's functorch node; a call seen while torch.compile traces
+    takes its custom op: neither takes the direct route."""
+    tensors, kwargs = make_inputs(TRAINING_CASES[0], torch.float32)
+    public = _PublicCalls(monkeypatch)
+    q, k, v, prefix_k, prefix_v, _, _ = _heads_first(tensors, kwargs)
+
+    def loss(q):
+        return causal_attention_heads_first(q, k, v, prefix_k, prefix_v, None, None, None, 0.0).sum()
+
+    grad = torch.func.grad(loss)(q.detach())
+    assert public.count == 1
+    torch.testing.assert_close(grad, torch.autograd.grad(loss(q), q)[0])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with torch.no_grad():
-        assert torch.equal(dropped, prefix_attn_func(**tensors, **kwargs, dropout_p=0.25))
+        causal_attention_heads_first(q, k, v, prefix_k, prefix_v, None, None, None, 0.0)
+    assert public.count == 2  # the torch.func call and this one (the eager comparison took the direct route)
 
 
 def test_checks_and_errors_are_the_public_functions(monkeypatch):
@@ -106,7 +166,7 @@ def test_checks_and_errors_are_the_public_functions(monkeypatch):
 def test_a_call_checks_strides_nowhere_on_the_direct_route(monkeypatch):
     """The direct route's signatures leave strides out: one entry serves GPT-2's fused-projection views and
     contiguous tensors of the same shapes, and both compute what the public function does."""
-    monkeypatch.setattr(api, "_FUSED_CPU_CALLS", {})
+    monkeypatch.setattr(api, "_CPU_CALLS", {})
     case = Case(P=4, Lq=3, Lk=5, strided=True)
     strided, kwargs = make_inputs(case, torch.float32, requires_grad=False)
     contiguous = {name: t.contiguous() for name, t in strided.items()}
@@ -115,7 +175,7 @@ def test_a_call_checks_strides_nowhere_on_the_direct_route(monkeypatch):
         for tensors in (strided, contiguous):
             out = causal_attention_heads_first(*_heads_first(tensors, kwargs), None, 0.0)
             assert torch.equal(out, prefix_attn_func(**tensors, **kwargs))
-    assert len(api._FUSED_CPU_CALLS) == 1
+    assert len(api._CPU_CALLS) == 1
 
 
 def test_the_backend_keeps_one_forward_for_both_layouts(monkeypatch):
@@ -134,7 +194,7 @@ def test_the_backend_keeps_one_forward_for_both_layouts(monkeypatch):
 def test_a_decoding_loop_stays_on_one_signature(monkeypatch):
     """Keys that grow by one per step keep the signature (it holds of seqlen_k only how it compares); the
     sizes the backend gets follow every step, and what the checks refuse is still refused after hits."""
-    monkeypatch.setattr(api, "_FUSED_CPU_CALLS", {})
+    monkeypatch.setattr(api, "_CPU_CALLS", {})
     g = torch.Generator().manual_seed(0)
     B, H, D, P = 3, 2, 16, 5
     q = torch.randn(B, H, 1, D, generator=g)
@@ -149,7 +209,7 @@ def test_a_decoding_loop_stays_on_one_signature(monkeypatch):
                 want = prefix_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), prefix_k, prefix_v,
                                         attention_mask=mask)
                 assert torch.equal(out, want)
-        assert len(api._FUSED_CPU_CALLS) == 1
+        assert len(api._CPU_CALLS) == 1
         with pytest.raises(ValueError, match="attention_mask must have shape"):
             causal_attention_heads_first(q, k, v, prefix_k, prefix_v, None, mask[:, 1:], None, 0.0)
         with pytest.raises(ValueError, match="k and v must have the same shape"):
@@ -163,14 +223,14 @@ def test_a_decoding_loop_stays_on_one_signature(monkeypatch):
 def test_sizes_returned_are_the_calls_own_when_threads_share_an_entry(monkeypatch):
     """Regression: the entry's sizes follow the latest seqlen_k; a call returns its own, never the shared
     template another thread may be overwriting."""
-    monkeypatch.setattr(api, "_FUSED_CPU_CALLS", {})
+    monkeypatch.setattr(api, "_CPU_CALLS", {})
     q = torch.randn(2, 2, 1, 16)
     sizes = []
     with torch.no_grad():
         for seqlen_k in (5, 7, 5):
             k = torch.randn(2, 2, seqlen_k, 16)
-            dims, _ = api._fused_cpu_call(q, k, k, None, None, None, None, None, 0.0)
+            dims, _, _ = api._cpu_call(q, k, k, None, None, None, None, None, 0.0)
             sizes.append(dims.seqlen_k)
-        held = api._fused_cpu_call(q, k, k, None, None, None, None, None, 0.0)
-        api._fused_cpu_call(q, torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16), None, None, None, None, None, 0.0)
+        held = api._cpu_call(q, k, k, None, None, None, None, None, 0.0)
+        api._cpu_call(q, torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16), None, None, None, None, None, 0.0)
     assert sizes == [5, 7, 5] and held[0].seqlen_k == 5  # the later call did not change what was returned
