@@ -678,32 +678,29 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state, ne
 def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: AttnArgs, rng_state):
     """(dq, dk, dv, dprefix_k, dprefix_v), dq, dk, dv in q, k, v's layout (heads-first with args.heads_first),
     possibly as views (the custom op makes them contiguous)."""
-    heads_first = args.heads_first
-    # The fused kernel's backward is not differentiable: double backward (create_graph=True) and lse
-    # gradients take the explicit path.
-    if not torch.is_grad_enabled() and (dlse is None and uses_fused_cpu_kernel(q, args.dims, args.dropout_p)
-                                        or _use_dropout_cpu_path(q, args.dims, args.dropout_p, args.prefix_lens)):
-        dq, dk, dv, dpk, dpv = _backward_cpu_path(dout, dlse, *((q, k, v) if heads_first else _transposed(q, k, v)),
-                                                  out, lse, prefix_k, prefix_v, args, rng_state)
-        return (*((dq, dk, dv) if heads_first else _transposed(dq, dk, dv)), dpk, dpv)
-    if heads_first:
+    prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims, heads_first = args
+    # The CPU paths' backwards are not differentiable: double backward (create_graph=True) takes the explicit
+    # path, and so do lse gradients on the fused one.
+    fused = dlse is None and uses_fused_cpu_kernel(q, dims, dropout_p)
+    if torch.is_grad_enabled() or not (fused or _use_dropout_cpu_path(q, dims, dropout_p, prefix_lens)):
+        if not heads_first:
+            return _backward_explicit(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args, rng_state)
         dq, dk, dv, dpk, dpv = _backward_explicit(dout, dlse, *_transposed(q, k, v), out, lse, prefix_k, prefix_v, args,
                                                   rng_state)
         return (*_transposed(dq, dk, dv), dpk, dpv)
-    return _backward_explicit(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args, rng_state)
-
-
-def _backward_cpu_path(dout, dlse, qt, kt, vt, out, lse, prefix_k, prefix_v, args: AttnArgs, rng_state):
-    """The fused or the dropout CPU path's backward, of heads-first qt, kt, vt (their gradients heads-first)."""
-    prefix_idx, prefix_lens, attention_mask, causal, softmax_scale, dropout_p, _, dims, _ = args
+    # The fused and dropout CPU paths take heads-first tensors and give their gradients so.
+    qt, kt, vt = (q, k, v) if heads_first else _transposed(q, k, v)
     scale = default_scale(dims.head_dim, softmax_scale)
-    if uses_fused_cpu_kernel(qt, dims, dropout_p):
+    if fused:
         dq, dk, dv, dpk, dpv = _backward_fused_cpu(
             dout, qt, kt, vt, out, lse, prefix_k, prefix_v, _prefix_parts(prefix_idx, prefix_lens, dims),
             _visible_keys(attention_mask), causal, scale, dims)
-        return _as(dq, qt.dtype), _as(dk, kt.dtype), _as(dv, vt.dtype), dpk, dpv
-    return _backward_dropout_cpu(dout, dlse, qt, kt, vt, out, prefix_k, prefix_v, _visible_keys(attention_mask),
-                                 causal, scale, dropout_p, rng_state, dims)
+        dq, dk, dv = _as(dq, q.dtype), _as(dk, k.dtype), _as(dv, v.dtype)
+    else:
+        dq, dk, dv, dpk, dpv = _backward_dropout_cpu(dout, dlse, qt, kt, vt, out, prefix_k, prefix_v,
+                                                     _visible_keys(attention_mask), causal, scale, dropout_p,
+                                                     rng_state, dims)
+    return (*((dq, dk, dv) if heads_first else _transposed(dq, dk, dv)), dpk, dpv)
 
 
 def _backward_explicit(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: AttnArgs, rng_state):
