@@ -48,7 +48,6 @@ Three paths:
 The keep-mask of CPU tensors is drawn in C (``prefix_attn/keep_mask_cpu.c``, built on first use; NumPy where no
 compiler is found): drawn with NumPy it was the largest single cost of a dropout call at small training shapes.
 """
-import functools
 import math
 import weakref
 from typing import Optional
@@ -59,6 +58,7 @@ import torch
 from prefix_attn.args import AttnArgs
 from prefix_attn.checks import FLOAT32_MAX, AttnDims, default_scale
 from prefix_attn.dropout import keep_mask_grid, keep_scale
+from prefix_attn.key_masks import causal_bias, causal_hidden, dropout_bias, host_array, own_key_mask, visible_keys
 
 # fp32 score elements per query chunk (64 MiB per score-sized buffer).
 CHUNK_ELEMENTS = 1 << 24
@@ -207,7 +207,7 @@ def _probs(qc, kf, prefix: Optional[_Prefix], key_ok, causal, scale, dims: AttnD
     """Scores of the query chunk against [prefix; keys] -> (p (B, H, c, P + Lk), lse (B, H, c))."""
     s_seq = _gemm_kv(qc, kf.transpose(-1, -2), dims).mul_(scale)
     # Masks built with as few ops as possible (each costs microseconds of dispatch at training shapes).
-    hidden = _causal_hidden(rows.start, rows.stop, dims.seqlen_q, dims.seqlen_k, qc.device) if causal else None
+    hidden = causal_hidden(rows.start, rows.stop, dims.seqlen_q, dims.seqlen_k, qc.device) if causal else None
     if key_ok is not None:
         padding = ~key_ok[:, None, None, :]
         hidden = padding if hidden is None else hidden | padding
@@ -220,13 +220,6 @@ def _probs(qc, kf, prefix: Optional[_Prefix], key_ok, causal, scale, dims: AttnD
     return s.sub_(_finite_lse(lse)[..., None]).exp_(), lse
 
 
-@functools.lru_cache(maxsize=16)
-def _causal_hidden(start: int, stop: int, seqlen_q: int, seqlen_k: int, device: torch.device) -> torch.Tensor:
-    """(stop - start, Lk) bool, read-only: key j hidden from query row i (start <= i < stop) iff
-    j > i + Lk - Lq, an upper triangle. Cached: every layer call of a step asks for the same one."""
-    return torch.ones((stop - start, seqlen_k), dtype=torch.bool, device=device).triu_(start + seqlen_k - seqlen_q + 1)
-
-
 # ---- CPU: the fused kernel for the own keys, the prefix slots explicitly ---------------------------------
 
 def uses_fused_cpu_kernel(q, dims: AttnDims, dropout_p: float) -> bool:
@@ -234,36 +227,6 @@ def uses_fused_cpu_kernel(q, dims: AttnDims, dropout_p: float) -> bool:
     # Empty calls stay on the explicit path: the fused kernel dies of a division by zero (SIGFPE) at Lq = 0.
     # is_cpu: q.device builds a torch.device (about 4 K instructions), and this runs on every CPU call.
     return q.is_cpu and dropout_p == 0.0 and q.numel() > 0 and dims.seqlen_k > 0
-
-
-@functools.lru_cache(maxsize=16)
-def _bottom_right_causal(seqlen_q: int, seqlen_k: int) -> torch.Tensor:
-    """(1, 1, Lq, Lk) bool: key j visible to query i iff j <= i + Lk - Lq (cached: a decode or training
-    loop asks for the same few shapes once per layer call; CPU only, read-only)."""
-    return ~_causal_hidden(0, seqlen_q, seqlen_q, seqlen_k, torch.device("cpu"))[None, None]
-
-
-def _own_key_mask(key_ok, causal: bool, dims: AttnDims, dtype):
-    """(is_causal, additive mask or None, (B or 1, 1, Lq) rows that see at least one own key, or None for all).
-
-    The fused kernel's is_causal is top-left aligned, which is ours (bottom-right) when Lq == Lk; with
-    Lq < Lk the causal part goes into the mask, unless one query row sees every key (Lq = 1, decoding).
-    Its mask must have q's dtype.
-    """
-    Lq, Lk = dims.seqlen_q, dims.seqlen_k
-    top_left = causal and Lq == Lk
-    visible = _bottom_right_causal(Lq, Lk) if causal and not top_left and Lq > 1 else None
-    if key_ok is not None:
-        padding = key_ok[:, None, None, :]  # (B, 1, 1, Lk)
-        visible = padding if visible is None else visible & padding
-    if visible is None:
-        return top_left, None, None
-    mask = torch.where(visible, 0.0, float("-inf")).to(dtype)
-    if key_ok is None:
-        return top_left, mask, None  # bottom-right causal alone leaves every query its own key
-    # A row sees an own key iff an unmasked key lies at or before its causal limit.
-    seen = key_ok.cumsum(-1) > 0 if causal else key_ok.any(-1, keepdim=True).expand(-1, Lk)
-    return top_left, mask, seen[:, Lk - Lq:][:, None, :]  # (B, 1, Lq)
 
 
 def _prefix_scores(x, prefix: _Prefix, scale, dims: AttnDims):
@@ -294,27 +257,17 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def _host_array(x: torch.Tensor) -> np.ndarray:
-    """The values of an integer or bool CPU tensor as a NumPy array: its own memory, read without a
-    dispatched op. A tensor with no storage of its own (a functorch wrapper, under torch.func.grad) is
-    read through tolist()."""
-    try:
-        return x.numpy()
-    except RuntimeError:
-        return np.asarray(x.tolist())
-
-
 def _prefix_parts(prefix_idx, prefix_lens, dims: AttnDims) -> list:
     """The fused path's prefix work: (task, its batch rows as an int64 tensor or None for every row, visible
     slots) per task in use that has a visible slot. CPU tensors, read on the host through NumPy (no device
     to wait for, no dispatched op)."""
     if not dims.has_prefix:
         return []
-    lens = _host_array(prefix_lens) if prefix_lens is not None else None
+    lens = host_array(prefix_lens) if prefix_lens is not None else None
     if not dims.is_bank:
         n_slots = dims.prefix_len if lens is None else int(lens[0])
         return [(0, None, n_slots)] if n_slots > 0 else []
-    idx = _host_array(prefix_idx)
+    idx = host_array(prefix_idx)
     tasks = np.unique(idx)
     if len(tasks) == 1:
         n_slots = dims.prefix_len if lens is None else int(lens[tasks[0]])
@@ -347,14 +300,15 @@ def _flash_cpu(q, k, v, is_causal, mask, scale):
     return _flash_cpu_kernel(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
 
 
-def _forward_fused_cpu(qt, kt, vt, prefix_k, prefix_v, parts, key_ok, causal, scale, dims: AttnDims, need_lse=True):
+def _forward_fused_cpu(qt, kt, vt, prefix_k, prefix_v, parts, attention_mask, causal, scale, dims: AttnDims,
+                       need_lse=True):
     """The own keys and each task's visible prefix slots through the fused kernel, merged by log-sum-exp, on
     heads-first qt (B, H, Lq, D), kt, vt (B, Hkv, Lk, D): (out (B, H, Lq, D) in q's dtype, lse (B, H, Lq);
     need_lse=False: lse may come back None, one op fewer per decoding call)."""
-    is_causal, mask, own_seen = _own_key_mask(key_ok, causal, dims, qt.dtype)
+    is_causal, mask, own_hidden = own_key_mask(attention_mask, causal, dims.seqlen_q, dims.seqlen_k, qt.dtype)
     out, lse = _flash_cpu(qt, kt, vt, is_causal, mask, scale)
-    if own_seen is not None:
-        lse.masked_fill_(~own_seen, float("-inf"))
+    if own_hidden is not None:
+        lse.masked_fill_(own_hidden, float("-inf"))
     for task, rows, n_slots in parts:
         o_pre, lse_pre = _prefix_part(qt if rows is None else qt[rows], prefix_k, prefix_v, task, n_slots, scale, dims)
         if rows is None:  # the only part (a shared prefix, or a bank with one task in use)
@@ -372,7 +326,7 @@ def forward_heads_first(qt, kt, vt, prefix_k, prefix_v, args: AttnArgs, need_lse
     (B, Lq, H, D) memory)."""
     prefix_idx, prefix_lens, attention_mask, causal, scale, _, _, dims, _ = args
     out, lse = _forward_fused_cpu(qt, kt, vt, prefix_k, prefix_v, _prefix_parts(prefix_idx, prefix_lens, dims),
-                                  _visible_keys(attention_mask), causal, scale, dims, need_lse)
+                                  attention_mask, causal, scale, dims, need_lse)
     return out.transpose(1, 2).contiguous(), None if lse is None else lse.contiguous()
 
 
@@ -412,13 +366,14 @@ def _merge(own_out, own_lse, o_pre, lse_pre, with_lse=True):
     return _as(out, own_out.dtype), torch.logaddexp(own_lse, lse_pre) if with_lse else None
 
 
-def _backward_fused_cpu(dout, qt, kt, vt, out, lse, prefix_k, prefix_v, parts, key_ok, causal, scale, dims: AttnDims):
+def _backward_fused_cpu(dout, qt, kt, vt, out, lse, prefix_k, prefix_v, parts, attention_mask, causal, scale,
+                        dims: AttnDims):
     """Gradients from the merged out and lse (no lse gradient), of heads-first qt (B, H, Lq, D), kt, vt
     (B, Hkv, Lk, D) (dq, dk, dv come back heads-first too): the fused kernel's backward, given the whole
     softmax's lse and output, recomputes p = exp(s - lse) and delta = rowsum(dout * out) of the softmax over
     [prefix; keys]; so it runs once on the own keys and once per prefix part, and the parts' gradients add
     up. A part's prefix gradient comes back per batch row and is summed over its rows in fp32."""
-    is_causal, mask, _ = _own_key_mask(key_ok, causal, dims, qt.dtype)
+    is_causal, mask, _ = own_key_mask(attention_mask, causal, dims.seqlen_q, dims.seqlen_k, qt.dtype)
     safe = _finite_lse(lse)
     dot, ot = (_as(x, qt.dtype).transpose(1, 2) for x in (dout, out))
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -452,15 +407,6 @@ def _backward_fused_cpu(dout, qt, kt, vt, out, lse, prefix_k, prefix_v, parts, k
 def _use_dropout_cpu_path(q, dims: AttnDims, dropout_p: float, prefix_lens) -> bool:
     return (q.is_cpu and dropout_p > 0.0 and q.numel() > 0 and dims.has_prefix and not dims.is_bank
             and prefix_lens is None and dims.group_size == 1 and _chunk_rows(dims) >= dims.seqlen_q)
-
-
-@functools.lru_cache(maxsize=16)
-def _causal_bias(seqlen_q: int, seqlen_k: int, n_prefix: int) -> torch.Tensor:
-    """(Lq, P + Lk) fp32, read-only: -inf on the keys causal masking hides from each query row, else 0 (every
-    prefix column). Cached: every layer call of a step asks for the same one."""
-    keys_hidden = _causal_hidden(0, seqlen_q, seqlen_q, seqlen_k, torch.device("cpu"))
-    hidden = torch.nn.functional.pad(keys_hidden, (n_prefix, 0))
-    return torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
 
 
 def _with_prefix(prefix_x, xt):
@@ -506,30 +452,30 @@ def _factor(keep):
     return keep.view(torch.uint8)
 
 
-def _dropout_cpu_probs(qt, kk, key_ok, causal, scale, dims: AttnDims, need_lse: bool = True):
+def _dropout_cpu_probs(qt, kk, attention_mask, causal, scale, dims: AttnDims, need_lse: bool = True):
     """qt (B * H, Lq, D), kk = [prefix; keys] (B * H, P + Lk, D), fp32 -> (p (B * H, Lq, P + Lk), lse (B * H, Lq),
     None without need_lse). Every row sees the P prefix slots, so none is empty and one softmax gives p;
     lse = max - log(max p)."""
     Lq, P = qt.shape[1], dims.prefix_len
     if causal:
-        s = torch.baddbmm(_causal_bias(Lq, dims.seqlen_k, P), qt, kk.transpose(1, 2), alpha=scale)
+        s = torch.baddbmm(causal_bias(Lq, dims.seqlen_k, P), qt, kk.transpose(1, 2), alpha=scale)
     else:
         s = torch.bmm(qt, kk.transpose(1, 2)).mul_(scale)
-    if key_ok is not None:
-        hidden = torch.nn.functional.pad(torch.where(key_ok, 0.0, float("-inf")), (P, 0))  # (B, P + Lk)
+    hidden = dropout_bias(attention_mask, P)  # (B, P + Lk) or None
+    if hidden is not None:
         s.view(dims.batch, dims.heads, Lq, -1).add_(hidden[:, None, None, :])
     p = torch.softmax(s, dim=-1)
     return p, s.amax(-1).sub_(p.amax(-1).log_()) if need_lse else None
 
 
-def _forward_dropout_cpu(q, k, v, prefix_k, prefix_v, key_ok, causal, scale, dropout_p, rng, dims: AttnDims,
+def _forward_dropout_cpu(q, k, v, prefix_k, prefix_v, attention_mask, causal, scale, dropout_p, rng, dims: AttnDims,
                          need_lse: bool = True):
     """(out (B, Lq, H, D) contiguous, lse (B, H, Lq) or None without need_lse) of heads-first q (B, H, Lq, D),
     k, v (B, H, Lk, D)."""
     B, H, Lq, D = q.shape
     seed, offset, key, _ = _keep_key(rng, dropout_p, dims, slice(0, Lq))
     qt = _batched_heads(q)
-    p, lse = _dropout_cpu_probs(qt, _with_prefix(prefix_k, k), key_ok, causal, scale, dims, need_lse)
+    p, lse = _dropout_cpu_probs(qt, _with_prefix(prefix_k, k), attention_mask, causal, scale, dims, need_lse)
     keep = _factor(_dropout_cpu_keep(seed, offset, dropout_p, dims))
     # Kept with p (1.25x a score-sized fp32 tensor where SDPA's math path keeps 2.25x: its softmax output, the
     # dropped probabilities and its bool mask); the chunked backward, if it runs, computes them again. Not qt:
@@ -548,7 +494,7 @@ def _dropout_cpu_keep(seed: int, offset: int, dropout_p: float, dims: AttnDims) 
                           dims.prefix_len, dims.seqlen_k, dropout_p, torch.device("cpu"))
 
 
-def _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, key_ok, causal, scale, dropout_p, rng,
+def _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, attention_mask, causal, scale, dropout_p, rng,
                           dims: AttnDims):
     """The gradients from the forward's p and keep-mask, taken out of _SAVED_KEEP (p is overwritten here;
     a second backward of a retained graph, the custom op's rng_state, or a cleared _SAVED_KEEP compute them
@@ -558,7 +504,7 @@ def _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, key_ok, 
     results (_split_heads)."""
     B, H, Lq, D = q.shape
     qt = _batched_heads(q)
-    p, keep = _saved_probs(qt, k, prefix_k, key_ok, causal, scale, dropout_p, rng, dims)
+    p, keep = _saved_probs(qt, k, prefix_k, attention_mask, causal, scale, dropout_p, rng, dims)
     # keep_scale folded into dout: dV = (p * keep)^T (dout * s), dP = ((dout * s) V^T) * keep.
     do_s = _heads_first(dout, keep_scale(dropout_p))  # (B * H, Lq, D)
     delta = torch.linalg.vecdot(_as(dout, torch.float32), _as(out, torch.float32))  # (B, Lq, H)
@@ -577,14 +523,14 @@ def _backward_dropout_cpu(dout, dlse, q, k, v, out, prefix_k, prefix_v, key_ok, 
     return _split_heads(dq, B, q.dtype), dk, dv, dpk, dpv
 
 
-def _saved_probs(qt, k, prefix_k, key_ok, causal, scale, dropout_p, rng, dims: AttnDims):
+def _saved_probs(qt, k, prefix_k, attention_mask, causal, scale, dropout_p, rng, dims: AttnDims):
     """(p, keep) (B * H, Lq, P + Lk) of the forward, popped from _SAVED_KEEP, or computed again when they are not
     there."""
     seed, offset, key, _ = _keep_key(rng, dropout_p, dims, slice(0, dims.seqlen_q))
     saved = _SAVED_KEEP.get(id(rng), {}).pop(key + ("probs",), None)
     if saved is not None:
         return saved
-    p = _dropout_cpu_probs(qt, _with_prefix(prefix_k, k), key_ok, causal, scale, dims, need_lse=False)[0]
+    p = _dropout_cpu_probs(qt, _with_prefix(prefix_k, k), attention_mask, causal, scale, dims, need_lse=False)[0]
     return p, _factor(_dropout_cpu_keep(seed, offset, dropout_p, dims))
 
 
@@ -606,28 +552,7 @@ def _accumulate(total, x):
 
 def _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims):
     prefix = _Prefix(prefix_k, prefix_v, prefix_idx, prefix_lens, dims, q.device) if dims.has_prefix else None
-    return prefix, _visible_keys(attention_mask)
-
-
-def lets_every_key_through(attention_mask: torch.Tensor) -> bool:
-    """Whether a (B, Lk) mask is known on the host to hide no key: True only for a plain CPU tensor of
-    nonzeros, read through NumPy (no device to wait for, no dispatched op). Masks on a device (reading one
-    would be a host sync), tensor subclasses and masks seen while torch.compile traces are not read: False."""
-    if type(attention_mask) is not torch.Tensor or attention_mask.device.type != "cpu":
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    values = _host_array(attention_mask)
-    return np.count_nonzero(values) == values.size  # count_nonzero: no ufunc reduction machinery
-
-
-def _visible_keys(attention_mask):
-    """(B, Lk) bool of the keys the mask lets through, or None when it lets every key through. A plain CPU
-    mask is read on the host; a mask of ones then costs no masking at all, which at small shapes is a large
-    part of a call."""
-    if attention_mask is None or lets_every_key_through(attention_mask):
-        return None
-    return attention_mask != 0
+    return prefix, visible_keys(attention_mask)
 
 
 def _transposed(q, k, v):
@@ -646,7 +571,7 @@ def forward_unchecked(q, k, v, prefix_k, prefix_v, args: AttnArgs, rng_state, ne
                                    need_lse)
     if _use_dropout_cpu_path(q, dims, dropout_p, prefix_lens):
         return _forward_dropout_cpu(*((q, k, v) if heads_first else _transposed(q, k, v)), prefix_k, prefix_v,
-                                    _visible_keys(attention_mask), causal, scale, dropout_p, rng_state, dims, need_lse)
+                                    attention_mask, causal, scale, dropout_p, rng_state, dims, need_lse)
     if heads_first:
         q, k, v = _transposed(q, k, v)
     prefix, key_ok = _prepare(q, prefix_k, prefix_v, prefix_idx, prefix_lens, attention_mask, dims)
@@ -694,11 +619,11 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: 
     if fused:
         dq, dk, dv, dpk, dpv = _backward_fused_cpu(
             dout, qt, kt, vt, out, lse, prefix_k, prefix_v, _prefix_parts(prefix_idx, prefix_lens, dims),
-            _visible_keys(attention_mask), causal, scale, dims)
+            attention_mask, causal, scale, dims)
         dq, dk, dv = _as(dq, q.dtype), _as(dk, k.dtype), _as(dv, v.dtype)
     else:
         dq, dk, dv, dpk, dpv = _backward_dropout_cpu(dout, dlse, qt, kt, vt, out, prefix_k, prefix_v,
-                                                     _visible_keys(attention_mask), causal, scale, dropout_p,
+                                                     attention_mask, causal, scale, dropout_p,
                                                      rng_state, dims)
     return (*((dq, dk, dv) if heads_first else _transposed(dq, dk, dv)), dpk, dpv)
 

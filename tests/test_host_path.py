@@ -320,6 +320,40 @@ def test_cpu_decode_layer_call_is_two_fused_kernel_calls_and_a_merge(monkeypatch
         assert names.count("transpose") == 1 and len(names) <= 9, names
 
 
+def test_cpu_padded_decode_layer_calls_derive_the_mask_once_per_forward(monkeypatch):
+    """A decode step of the native GPT-2 on CPU over a left-padded batch (what batched generate() runs): the first
+    layer call of the forward derives the kernel's masks from the padding mask; every later one dispatches what a
+    call without padding does (the two fused-kernel calls, the merge, views), no masking op (at 2ed0f77 each layer
+    call derived them again: 13 more ops, 24 in all)."""
+    import prefix_attn.integrations.hf_attention as hf_attention
+    from prefix_attn import PrefixTuning
+
+    calls = []
+    entry = hf_attention.causal_attention_heads_first
+
+    def counted(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p):
+        with _OpNames() as ops:
+            out = entry(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p)
+        calls.append((attention_mask, ops.names))
+        return out
+
+    monkeypatch.setattr(hf_attention, "causal_attention_heads_first", counted)
+    tuned = PrefixTuning(_tiny_gpt2(3), num_virtual_tokens=4).eval()
+    ids, mask = _padded_batch(batch=3, length=6)
+    with torch.no_grad():
+        past = tuned(ids, attention_mask=mask, use_cache=True).past_key_values
+        for step in range(2):  # the first step's first layer call runs the checks of its new signature
+            calls.clear()
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+            tuned(ids[:, -1:], attention_mask=mask, past_key_values=past, use_cache=True)
+    assert len(calls) == 3 and all(m is calls[0][0] and m is not None for m, _ in calls)
+    merge = {"sub", "sigmoid_", "unsqueeze_", "lerp_"}
+    for _, names in calls[1:]:
+        assert names.count("_scaled_dot_product_flash_attention_for_cpu") == 2, names
+        assert set(names) <= merge | {"_scaled_dot_product_flash_attention_for_cpu", "transpose", "as_strided"}, names
+        assert len(names) <= 9, names
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_cpu_training_layer_call_reads_the_heads_first_tensors_as_they_are(dropout_p):
     """A training layer call on CPU (GPT-2's fused-projection views, with and without attention dropout): the

@@ -143,13 +143,13 @@ def test_a_mask_of_ones_is_not_applied_on_cpu(monkeypatch):
     from prefix_attn.host_syncs import HostSyncCounter
 
     masks = []
-    real = torch_backend._own_key_mask
-    monkeypatch.setattr(torch_backend, "_own_key_mask", lambda key_ok, *a: masks.append(key_ok) or real(key_ok, *a))
+    real = torch_backend.own_key_mask
+    monkeypatch.setattr(torch_backend, "own_key_mask", lambda *a: masks.append(real(*a)) or masks[-1])
     tensors, kwargs = make_inputs(Case(P=4, B=2, Lq=1, Lk=7), torch.float32)
     ones = torch.ones(2, 7, dtype=torch.long)
     with HostSyncCounter() as syncs:
         out = prefix_attn_func(**tensors, **kwargs, attention_mask=ones, backend="torch")
-    assert syncs.count == 0 and masks == [None]
+    assert syncs.count == 0 and masks == [(False, None, None)]
     assert torch.equal(out, prefix_attn_func(**tensors, **kwargs, backend="torch"))
 
 

@@ -62,7 +62,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from prefix_attn.api import causal_attention_heads_first
 from prefix_attn.integrations._traced_masks import assert_plain_causal_on_device
 from prefix_attn.integrations._versions import check_transformers_version
-from prefix_attn.torch_backend import lets_every_key_through
+from prefix_attn.key_masks import lets_every_key_through
 
 ATTN_IMPLEMENTATION = "prefix_attn"
 
