@@ -10,7 +10,9 @@ mask seen, keyed on the tensor itself (held, so that its identity cannot pass to
 counter (an in-place write makes a new version; an inference tensor has none, and its values are compared). Derived
 under inference mode they are inference tensors, which later calls outside it only read (no autograd graph saves
 them). Masks of other kinds (tensor subclasses, functorch wrappers, masks seen while torch.compile traces) are
-derived per call and never read on the host.
+derived per call and never read on the host. What is kept lives until another mask comes: the mask and at most a
+(B, 1, Lq, Lk) additive mask in q's dtype (a padded call with 1 < Lq < Lk: a chunked prefill, a speculative step;
+the others keep (B, 1, 1, Lk), and the dropout path (B, P + Lk) fp32).
 """
 import functools
 from typing import Callable, Optional

@@ -284,13 +284,10 @@ class _OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_cpu_decode_layer_call_is_two_fused_kernel_calls_and_a_merge(monkeypatch):
-    """A decode step of the native GPT-2 on CPU with nothing padded: the mask function drops the mask of ones
-    once per forward, and each layer call dispatches PyTorch's fused CPU kernel twice (own keys, prefix slots)
-    and the merge, with views around them: no masking, no dtype conversion, no copy. At these sizes a call's
-    host cost is its count of dispatched ops."""
+def _layer_calls(monkeypatch) -> list:
+    """(attention_mask, names of the dispatched ops) of each call of the integrations' attention entry, as the
+    attention function makes them; the list is filled as the model runs."""
     import prefix_attn.integrations.hf_attention as hf_attention
-    from prefix_attn import PrefixTuning
 
     calls = []
     entry = hf_attention.causal_attention_heads_first
@@ -302,6 +299,17 @@ def test_cpu_decode_layer_call_is_two_fused_kernel_calls_and_a_merge(monkeypatch
         return out
 
     monkeypatch.setattr(hf_attention, "causal_attention_heads_first", counted)
+    return calls
+
+
+def test_cpu_decode_layer_call_is_two_fused_kernel_calls_and_a_merge(monkeypatch):
+    """A decode step of the native GPT-2 on CPU with nothing padded: the mask function drops the mask of ones
+    once per forward, and each layer call dispatches PyTorch's fused CPU kernel twice (own keys, prefix slots)
+    and the merge, with views around them: no masking, no dtype conversion, no copy. At these sizes a call's
+    host cost is its count of dispatched ops."""
+    from prefix_attn import PrefixTuning
+
+    calls = _layer_calls(monkeypatch)
     tuned = PrefixTuning(_tiny_gpt2(2), num_virtual_tokens=4).eval()
     ids = torch.randint(1, 100, (3, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -325,19 +333,9 @@ def test_cpu_padded_decode_layer_calls_derive_the_mask_once_per_forward(monkeypa
     layer call of the forward derives the kernel's masks from the padding mask; every later one dispatches what a
     call without padding does (the two fused-kernel calls, the merge, views), no masking op (at 2ed0f77 each layer
     call derived them again: 13 more ops, 24 in all)."""
-    import prefix_attn.integrations.hf_attention as hf_attention
     from prefix_attn import PrefixTuning
 
-    calls = []
-    entry = hf_attention.causal_attention_heads_first
-
-    def counted(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p):
-        with _OpNames() as ops:
-            out = entry(q, k, v, prefix_k, prefix_v, prefix_idx, attention_mask, softmax_scale, dropout_p)
-        calls.append((attention_mask, ops.names))
-        return out
-
-    monkeypatch.setattr(hf_attention, "causal_attention_heads_first", counted)
+    calls = _layer_calls(monkeypatch)
     tuned = PrefixTuning(_tiny_gpt2(3), num_virtual_tokens=4).eval()
     ids, mask = _padded_batch(batch=3, length=6)
     with torch.no_grad():
