@@ -1,6 +1,7 @@
 """Case construction and the accuracy oracle shared by the tests."""
 import contextlib
 import dataclasses
+import zlib
 from typing import Optional
 
 import torch
@@ -56,7 +57,9 @@ def one_case_per_launch_path(cases, with_prefix=True):
 
 
 def make_inputs(case: Case, dtype=torch.float32, device=DEVICE, requires_grad=True, scale=1.0):
-    g = torch.Generator(device="cpu").manual_seed(hash(str(case)) % 2**31)
+    # crc32, not hash(): str hashes are salted per process (PYTHONHASHSEED), which drew other inputs in every run and
+    # let a data-dependent assertion fail now and then (a bank case whose tasks in use all drew prefix_lens 0).
+    g = torch.Generator(device="cpu").manual_seed(zlib.crc32(str(case).encode()))
 
     def rand(*shape):
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)

@@ -4,6 +4,8 @@ attention kernel and the prefix slots are merged by log-sum-exp (see prefix_attn
 Accuracy of that path is checked by every torch-backend case of test_attention.py and test_decode.py
 (float64 reference); here: which path runs, and that it never holds more memory than SDPA over the
 concatenation, the path the op replaces."""
+import os
+
 import pytest
 import torch
 
@@ -197,6 +199,19 @@ def test_prefix_part_folded_into_one_batch_of_query_rows_or_per_batch_row(monkey
         assert all(q_batch == k_batch for q_batch, k_batch in prefix_calls)
     else:
         assert all(folded)
+
+
+def test_test_inputs_do_not_depend_on_the_hash_seed():
+    """Regression: make_inputs seeded its generator with hash(str(case)), salted per process, so every run drew
+    other inputs, and the bank case above with prefix_lens failed when its tasks in use all drew 0 slots."""
+    import subprocess
+    import sys
+
+    script = ("from tests.helpers import Case, make_inputs; t, kw = make_inputs(Case(P=9, T=3, B=4, Lq=1, Lk=7, "
+              "prefix_lens=True)); print(kw['prefix_idx'].tolist(), kw['prefix_lens'].tolist(), float(t['q'].sum()))")
+    draws = {subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": seed}, check=True,
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout for seed in ("1", "2")}
+    assert len(draws) == 1, draws
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
