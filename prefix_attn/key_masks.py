@@ -64,10 +64,9 @@ def _derived(attention_mask: torch.Tensor, what: tuple, compute: Callable[[], ob
             return compute()
         table = {}
         _latest = (attention_mask, _stamp(attention_mask), table)
-    found = table.get(what)
-    if found is None:
-        found = table[what] = compute()
-    return found
+    if what not in table:  # a derived mask may be None (nothing to mask)
+        table[what] = compute()
+    return table[what]
 
 
 def visible_keys(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -75,11 +74,8 @@ def visible_keys(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tenso
     mask is read on the host; a mask of ones then costs no masking at all)."""
     if attention_mask is None:
         return None
-    return _derived(attention_mask, ("visible",), lambda: _visible_keys(attention_mask))[0]
-
-
-def _visible_keys(attention_mask):
-    return (None if lets_every_key_through(attention_mask) else attention_mask != 0,)
+    return _derived(attention_mask, ("visible",),
+                    lambda: None if lets_every_key_through(attention_mask) else attention_mask != 0)
 
 
 @functools.lru_cache(maxsize=16)

@@ -622,9 +622,8 @@ def backward_unchecked(dout, dlse, q, k, v, out, lse, prefix_k, prefix_v, args: 
             attention_mask, causal, scale, dims)
         dq, dk, dv = _as(dq, q.dtype), _as(dk, k.dtype), _as(dv, v.dtype)
     else:
-        dq, dk, dv, dpk, dpv = _backward_dropout_cpu(dout, dlse, qt, kt, vt, out, prefix_k, prefix_v,
-                                                     attention_mask, causal, scale, dropout_p,
-                                                     rng_state, dims)
+        dq, dk, dv, dpk, dpv = _backward_dropout_cpu(dout, dlse, qt, kt, vt, out, prefix_k, prefix_v, attention_mask,
+                                                     causal, scale, dropout_p, rng_state, dims)
     return (*((dq, dk, dv) if heads_first else _transposed(dq, dk, dv)), dpk, dpv)
 
 
