@@ -8,7 +8,7 @@ from collections import defaultdict
 
 FIELDS = ["bench", "provider", "mode", "dtype", "B", "H", "Hkv", "L", "P", "D", "ms_p50", "ms_p20", "ms_p80", "tflops",
           "kernel_ms", "kernel_tflops", "host_us", "host_us_p20", "host_us_p80", "launches", "syncs", "tasks", "bytes", "gbps", "kernel_gbps", "frac_of_copy_bw", "tokens_per_s", "peak_mem_mb", "device", "torch", "triton",
-          "commit", "skipped"]
+          "commit", "model", "new_tokens", "skipped"]
 SHAPE_KEYS = ("B", "H", "Hkv", "L", "P", "D", "dtype")
 FUSED = ("prefix_attn", "prefix_attn_torch", "peft+patch", "native")
 BASELINES = ("concat_sdpa", "concat_eager", "concat_flex", "peft_sdpa", "peft_eager")
