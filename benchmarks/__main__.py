@@ -12,7 +12,7 @@ from benchmarks.report import write_results
 
 # host last: without a GPU it installs a fake Triton driver (benchmarks/fake_driver.py) for its run.
 BENCHES = {"attention": bench_attention.run, "decode": bench_decode.run, "e2e": bench_e2e.run,
-           "host": bench_host.run}
+           "graphs": bench_e2e.run_compiled, "host": bench_host.run}
 
 
 def autotuned_configs() -> dict:

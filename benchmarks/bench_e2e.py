@@ -170,6 +170,58 @@ def run(quick: bool, device, providers=None, dtype=None, **_) -> Iterator[dict]:
                 yield from _routes_interleaved(bench, s, shape_routes, ids, mask, device, dtype, base)
 
 
+# torch.compile options of the compiled modes on a GPU: inductor with CUDA graphs, the way users remove host cost
+# from a whole step.
+GRAPH_OPTIONS = {"mode": "reduce-overhead"}
+# One point per mode: compiling each route's model takes most of a minute.
+GRAPH_SHAPES = {"train": E2EShape("small", 8, 512, 200), "generate": E2EShape("small", 32, 128, 200)}
+GRAPH_ROUTES = ("peft_sdpa", "peft+patch", "native")
+
+
+def run_compiled(quick: bool, device, providers=None, dtype=None, **_) -> Iterator[dict]:
+    """``python -m benchmarks --only graphs``: the compiled modes of issue 9 on a GPU, per route (PEFT+SDPA
+    compiled alike): a training step under torch.compile(mode="reduce-overhead") (CUDA graphs) and generate()
+    with a static cache, whose decoding step transformers compiles with the same options. Records: bench
+    "graphs_train" / "graphs_generate", modes "train_step_compiled" / "generate_static_compiled"; without a GPU,
+    skipped ones. A route that fails to compile or run gives a skipped record with the error, and the others
+    still run."""
+    dtype = dtype or (torch.bfloat16 if on_gpu(device) else torch.float32)
+    routes = [r for r in (providers or GRAPH_ROUTES) if r in GRAPH_ROUTES]
+    for kind, s in GRAPH_SHAPES.items():
+        if on_gpu(device):
+            yield from compiled_point(f"graphs_{kind}", f"e2e_{kind}", s, routes, device, dtype, GRAPH_OPTIONS)
+        else:
+            for route in routes:
+                yield {"bench": f"graphs_{kind}", "provider": route, "mode": "all", **dataclasses.asdict(s),
+                       "skipped": "CUDA graphs need a GPU"}
+
+
+def compiled_point(bench, workload, s, routes, device, dtype, compiled):
+    """Records of one point of the compiled modes: each route built, compiled with ``compiled`` (torch.compile
+    options), warmed up and timed in turn (``run_compiled``; the CPU tests call it with a tiny shape)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, s.config().vocab_size, (s.B, s.L), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    base = dict(bench=bench, dtype=str(dtype).replace("torch.", ""), B=s.B, L=s.L, P=s.P, H=s.dims()[1],
+                Hkv=s.dims()[2], D=s.dims()[3], model=s.model)
+    reps = 10 if workload == "e2e_train" else 3
+    for route in routes:
+        model = params = fn = None
+        try:
+            model, params = build(route, s, device, dtype)
+            fn, mode, tokens = _workload(workload, model, params, ids, mask, s.new_tokens, compiled=compiled)
+            times = [_time_ms(fn, device) for _ in range(reps)]
+            yield {**base, "provider": route, **_record(fn, mode, tokens, times, device)}
+        except Exception as error:  # noqa: BLE001 - a route that cannot compile is a finding, not the sweep's end
+            yield {**base, "provider": route, "mode": "all", "skipped": f"{type(error).__name__}: {error}"[:500]}
+        finally:
+            model = params = fn = None
+            gc.collect()
+            torch._dynamo.reset()  # each route's model compiles anew, not against the last one's guards
+            if on_gpu(device):
+                torch.cuda.empty_cache()
+
+
 def _routes_one_by_one(bench, s, routes, ids, mask, device, dtype, base):
     """GPU: one route's model at a time (the peak memory is the process's, weights included)."""
     reps = 10 if bench == "e2e_train" else 3
@@ -204,31 +256,54 @@ def _routes_interleaved(bench, s, routes, ids, mask, device, dtype, base):
         yield {**base, "provider": route, **_record(fn, mode, tokens, times[route], device)}
 
 
-def _workload(bench, model, params, ids, mask, new_tokens=32):
+def _workload(bench, model, params, ids, mask, new_tokens=32, compiled=None):
     """(fn, mode, tokens per call) of a route's model, warmed up: a training step (forward, backward,
-    AdamW step on the trainable parameters, in train mode) or a greedy generate() of new_tokens."""
+    AdamW step on the trainable parameters, in train mode) or a greedy generate() of new_tokens.
+
+    compiled: None (eager), or torch.compile options (GRAPH_OPTIONS on a GPU): the training step's model
+    under torch.compile, generate() with a static cache whose decoding step transformers compiles with
+    them (mode "train_step_compiled" / "generate_static_compiled")."""
     if bench == "e2e_train":
         model.train()
         opt = torch.optim.AdamW(params, lr=1e-4)
+        forward = model if compiled is None else torch.compile(model, **compiled)
 
         def step():
-            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+            if compiled is not None:
+                torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's graph outputs are done
+            loss = forward(input_ids=ids, attention_mask=mask, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        for _ in range(3):  # warm-up: kernel compilation, optimizer state
+        for _ in range(3):  # warm-up: kernel compilation, optimizer state (and graph capture)
             step()
-        return step, "train_step", ids.numel()
+        return step, "train_step" if compiled is None else "train_step_compiled", ids.numel()
     model.eval()
+    static = {} if compiled is None else dict(cache_implementation="static",
+                                              compile_config=_compile_config(compiled, ids.device))
 
     def gen():
         with torch.no_grad():
             return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **static)
 
-    gen()
-    return gen, "generate", ids.shape[0] * new_tokens
+    for _ in range(1 if compiled is None else 2):  # compiled: the first call compiles, the second captures
+        gen()
+    return gen, "generate" if compiled is None else "generate_static_compiled", ids.shape[0] * new_tokens
+
+
+def _compile_config(options: dict, device):
+    """transformers' CompileConfig for generate()'s static-cache decoding step, with torch.compile ``options``.
+    transformers compiles that step by itself on a GPU only; elsewhere (the CPU tests of this path) it is told
+    to, through its own switch."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=options.get("fullgraph", False), mode=options.get("mode"),
+                           backend=options.get("backend", "inductor"), dynamic=options.get("dynamic"))
+    if not on_gpu(device):
+        config._compile_all_devices = True
+    return config
 
 
 def _record(fn, mode, tokens, times, device) -> dict:

@@ -29,7 +29,7 @@ def main(argv=None):
                   f"{r['kernel_ms']:.4f} ms, {r.get('kernel_gbps', float('nan')):.0f} GB/s "
                   f"({100 * r.get('frac_of_copy_bw', float('nan')):.0f}% of copy)")
     for r in data["records"]:
-        if r.get("bench", "").startswith("e2e") and not r.get("skipped"):
+        if r.get("bench", "").startswith(("e2e", "graphs")) and not r.get("skipped"):
             print(f"  {r['bench']} {r.get('model')} B={r['B']} L={r['L']} P={r['P']} {r['provider']}: "
                   f"{r['ms_p50']:.2f} ms, {r['tokens_per_s']:.0f} tok/s, peak {r['peak_mem_mb']:.0f} MiB "
                   f"(expanded prefix {r.get('expanded_prefix_mb', float('nan')):.0f} MiB)")

@@ -2,9 +2,9 @@
 # Everything a lent GPU should run, in one call that ends inside the device tool's 10-minute limit:
 #   environment, the test suite on CUDA (GPU-marked tests included), compute-sanitizer memcheck on a
 #   small forward + backward of every kernel, and the benchmarks, one invocation per benchmark in the
-#   order of what the open issues still need measured (e2e first: issue 9's end-to-end targets).
+#   order of what the open issues still need measured (e2e, host and graphs first: issue 9's figures).
 # Usage: bash benchmarks/gpu_run.sh [OUT_DIR]       (default $OUT, else ./gpu_run_out)
-#   GPU_RUN_STEPS=env,tests,sanitizer,bench  picks steps; GPU_RUN_BENCHES=e2e,host,decode,attention picks
+#   GPU_RUN_STEPS=env,tests,sanitizer,bench  picks steps; GPU_RUN_BENCHES=e2e,host,graphs,decode,attention picks
 #   and orders the benchmarks; BENCH_ARGS passes flags to each python -m benchmarks.
 #   GPU_RUN_BUDGET=540: seconds for the whole script; each step stops at its own cap (TESTS_TIMEOUT 220,
 #   SANITIZER_TIMEOUT 90) or at the budget's end, whichever comes first, and the benchmarks share what is
@@ -59,7 +59,7 @@ if has sanitizer; then
   save
 fi
 if has bench; then
-  for name in $(echo "${GPU_RUN_BENCHES:-e2e,host,decode,attention}" | tr , ' '); do
+  for name in $(echo "${GPU_RUN_BENCHES:-e2e,host,graphs,decode,attention}" | tr , ' '); do
     left=$((budget - (SECONDS - start)))
     if [ "$left" -lt 20 ]; then
       echo "== benchmark $name: not run, the budget is spent" | tee -a "$work/bench.log"

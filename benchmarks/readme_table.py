@@ -102,8 +102,8 @@ def decode_table(run, data):
     return lines
 
 
-def e2e_table(run, data):
-    recs = _records(data, "e2e")
+def e2e_table(run, data, prefix="e2e"):
+    recs = _records(data, prefix)
     lines = ["| GPT-2, B, L, P (bf16) | mode | route | ms (p50) | tokens/s | vs peft_sdpa | peak MiB "
              "| expanded prefix E (MiB) |", "|---|---|---|---|---|---|---|---|"]
     keyed = _index(recs)
@@ -212,7 +212,10 @@ def render(results_dir) -> str:
     out += ["#### Targets", ""] + targets_table(runs) + [""]
     for title, prefix, table in (("Op level: fused prefix attention vs SDPA over the concatenation", "attn", op_table),
                                  ("Decode step: one query per sequence, one shared prefix", "decode", decode_table),
-                                 ("End to end: GPT-2 prefix tuning (random weights)", "e2e", e2e_table)):
+                                 ("End to end: GPT-2 prefix tuning (random weights)", "e2e", e2e_table),
+                                 ("End to end, compiled: a training step under torch.compile(mode=\"reduce-overhead\") "
+                                  "(CUDA graphs), generate() with a static cache and a compiled decoding step", "graphs",
+                                  lambda run, data: e2e_table(run, data, "graphs"))):
         run, data = _latest(runs, prefix)
         out.append(f"#### {title}")
         out.append("")

@@ -99,9 +99,10 @@ def summary_markdown(records, env, quick) -> str:
     host = host_summary(records)
     if host:
         lines += ["", host]
-    skipped = {(r["provider"], r["skipped"]) for r in records if r.get("skipped")}
+    # Per benchmark family: a route skipped in one (graphs: CUDA graphs need a GPU) may have run in another.
+    skipped = {(r["bench"].split("_")[0], r["provider"], r["skipped"]) for r in records if r.get("skipped")}
     if skipped:
-        lines += ["", "Skipped providers:"] + [f"- {p}: {why}" for p, why in sorted(skipped)]
+        lines += ["", "Skipped providers:"] + [f"- {p} ({family}): {why}" for family, p, why in sorted(skipped)]
     return "\n".join(lines) + "\n"
 
 

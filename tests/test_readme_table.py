@@ -97,3 +97,15 @@ def test_the_gpu_sweep_holds_the_never_slower_target_points():
     assert readme_table._XL_GENERATE in {(s.model, s.B, s.P, s.new_tokens) for s in sweep["e2e_generate"]}
     xl = next(s for s in sweep["e2e_generate"] if s.model == "xl").config()
     assert (xl.n_layer, xl.n_embd, xl.n_head) == (48, 1600, 25)  # GPT-2 XL's shape
+
+
+def test_compiled_modes_have_their_own_table(tmp_path):
+    """graphs_* records (python -m benchmarks --only graphs) go to their own table, beside the eager e2e one."""
+    records = [dict(_e2e("peft_sdpa", "train_step", "small", 8, 200, 1000.0), bench="graphs_train",
+                    mode="train_step_compiled"),
+               dict(_e2e("native", "train_step", "small", 8, 200, 1250.0), bench="graphs_train",
+                    mode="train_step_compiled")]
+    section = readme_table.render(str(_write_run(tmp_path, records)))
+    compiled = section[section.index("#### End to end, compiled"):]
+    assert "| small, 8, 128, 200 | train_step_compiled | native | 1.0 | 1250 | 1.25x |" in compiled, compiled
+    assert "#### End to end: GPT-2 prefix tuning (random weights)\n\nNot measured on a GPU yet." in section
