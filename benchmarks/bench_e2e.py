@@ -243,7 +243,9 @@ def _routes_interleaved(bench, s, routes, ids, mask, device, dtype, base):
     """CPU: every route's model built first, then timed in turns (route A, B, C, A, B, C, ...), so that the
     shared machine's load drifts over all routes alike: timed one route after another, the tiny rows'
     ratios swung by 1.3x from run to run. The peak memory is counted per call (measure.peak_memory_mb)."""
-    reps = 20 if bench == "e2e_train" else 7
+    # A tiny generate() row takes about 0.1 s per call: 21 turns (7 before 2026-12-06, whose medians moved by up to
+    # 10% between runs) cost about 6 s a row; the GPT-2 small rows take seconds per call and keep 7.
+    reps = 20 if bench == "e2e_train" else 21 if s.model.endswith("tiny") else 7
     workloads = {}
     for route in routes:
         model, params = build(route, s, device, dtype)
