@@ -156,14 +156,8 @@ def run(quick: bool, device, providers=None, dtype=None, **_) -> Iterator[dict]:
         routes = [r for r in routes if r == "native"]
     for bench, points in shapes(quick, device).items():
         for s in points:
-            g = torch.Generator(device="cpu").manual_seed(0)
-            ids = torch.randint(0, s.config().vocab_size, (s.B, s.L), generator=g).to(device)
-            mask = torch.ones_like(ids)
+            ids, mask, base = _point_inputs(bench, bench, s, device, dtype)
             shape_routes = [r for r in routes if not (r == "prompt_tuning" and bench == "e2e_generate")]  # training only
-            base = dict(bench=bench, dtype=str(dtype).replace("torch.", ""), B=s.B, L=s.L, P=s.P, H=s.dims()[1],
-                        Hkv=s.dims()[2], D=s.dims()[3], model=s.model,
-                        **({"new_tokens": s.new_tokens} if bench == "e2e_generate" else {}),
-                        expanded_prefix_mb=s.expanded_prefix_bytes(torch.tensor([], dtype=dtype).element_size()) / 2**20)
             if on_gpu(device):
                 yield from _routes_one_by_one(bench, s, shape_routes, ids, mask, device, dtype, base)
             else:
@@ -199,44 +193,46 @@ def run_compiled(quick: bool, device, providers=None, dtype=None, **_) -> Iterat
 def compiled_point(bench, workload, s, routes, device, dtype, compiled):
     """Records of one point of the compiled modes: each route built, compiled with ``compiled`` (torch.compile
     options), warmed up and timed in turn (``run_compiled``; the CPU tests call it with a tiny shape)."""
+    ids, mask, base = _point_inputs(bench, workload, s, device, dtype)
+    yield from _routes_one_by_one(workload, s, routes, ids, mask, device, dtype, base, compiled)
+
+
+def _point_inputs(bench, workload, s, device, dtype):
+    """(input ids, attention mask of ones, the fields every record of the point carries) of one e2e point."""
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, s.config().vocab_size, (s.B, s.L), generator=g).to(device)
-    mask = torch.ones_like(ids)
     base = dict(bench=bench, dtype=str(dtype).replace("torch.", ""), B=s.B, L=s.L, P=s.P, H=s.dims()[1],
-                Hkv=s.dims()[2], D=s.dims()[3], model=s.model)
+                Hkv=s.dims()[2], D=s.dims()[3], model=s.model,
+                **({"new_tokens": s.new_tokens} if workload == "e2e_generate" else {}),
+                expanded_prefix_mb=s.expanded_prefix_bytes(torch.tensor([], dtype=dtype).element_size()) / 2**20)
+    return ids, torch.ones_like(ids), base
+
+
+def _routes_one_by_one(workload, s, routes, ids, mask, device, dtype, base, compiled=None):
+    """One route's model at a time (on a GPU the peak memory is the process's, weights included). compiled
+    (torch.compile options, see _workload): a route that fails to compile or run gives a skipped record naming
+    the error, and each route's model compiles anew."""
     reps = 10 if workload == "e2e_train" else 3
     for route in routes:
         model = params = fn = None
         try:
             model, params = build(route, s, device, dtype)
-            fn, mode, tokens = _workload(workload, model, params, ids, mask, s.new_tokens, compiled=compiled)
-            times = [_time_ms(fn, device) for _ in range(reps)]
-            yield {**base, "provider": route, **_record(fn, mode, tokens, times, device)}
-        except Exception as error:  # noqa: BLE001 - a route that cannot compile is a finding, not the sweep's end
-            yield {**base, "provider": route, "mode": "all", "skipped": f"{type(error).__name__}: {error}"[:500]}
-        finally:
-            model = params = fn = None
-            gc.collect()
-            torch._dynamo.reset()  # each route's model compiles anew, not against the last one's guards
-            if on_gpu(device):
-                torch.cuda.empty_cache()
-
-
-def _routes_one_by_one(bench, s, routes, ids, mask, device, dtype, base):
-    """GPU: one route's model at a time (the peak memory is the process's, weights included)."""
-    reps = 10 if bench == "e2e_train" else 3
-    for route in routes:
-        try:
-            model, params = build(route, s, device, dtype)
-            fn, mode, tokens = _workload(bench, model, params, ids, mask, s.new_tokens)
+            fn, mode, tokens = _workload(workload, model, params, ids, mask, s.new_tokens, compiled)
             times = [_time_ms(fn, device) for _ in range(reps)]
             yield {**base, "provider": route, **_record(fn, mode, tokens, times, device)}
         except torch.OutOfMemoryError:
             yield {**base, "provider": route, "mode": "all", "skipped": "out of memory"}
+        except Exception as error:  # noqa: BLE001 - a route that cannot compile is a finding, not the sweep's end
+            if compiled is None:
+                raise
+            yield {**base, "provider": route, "mode": "all", "skipped": f"{type(error).__name__}: {error}"[:500]}
         finally:
             model = params = fn = None
             gc.collect()
-            torch.cuda.empty_cache()
+            if compiled is not None:
+                torch._dynamo.reset()  # not against the last route's guards
+            if on_gpu(device):
+                torch.cuda.empty_cache()
 
 
 def _routes_interleaved(bench, s, routes, ids, mask, device, dtype, base):

@@ -44,16 +44,18 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton._
   head -n 30 "$work/env.txt"
 fi
 if has tests; then
-  echo "== tests ($(allow ${TESTS_TIMEOUT:-220}) s at most)"
+  limit=$(allow ${TESTS_TIMEOUT:-220})
+  echo "== tests ($limit s at most)"
   # xdist spreads the many kernel compilations over the machine's cores.
-  PREFIX_ATTN_AUTOTUNE=0 timeout $(allow ${TESTS_TIMEOUT:-220}) python3 -m pytest ${TEST_PATHS:-tests} -q \
+  PREFIX_ATTN_AUTOTUNE=0 timeout $limit python3 -m pytest ${TEST_PATHS:-tests} -q \
     -p no:cacheprovider -n ${TEST_WORKERS:-8} --durations=15 ${TEST_ARGS:-} > "$work/tests.log" 2>&1 || status=1
   tail -n 25 "$work/tests.log"
   save
 fi
 if has sanitizer; then
-  echo "== compute-sanitizer memcheck ($(allow ${SANITIZER_TIMEOUT:-90}) s at most)"
-  PREFIX_ATTN_AUTOTUNE=0 timeout $(allow ${SANITIZER_TIMEOUT:-90}) compute-sanitizer --tool memcheck \
+  limit=$(allow ${SANITIZER_TIMEOUT:-90})
+  echo "== compute-sanitizer memcheck ($limit s at most)"
+  PREFIX_ATTN_AUTOTUNE=0 timeout $limit compute-sanitizer --tool memcheck \
     --error-exitcode 3 python3 benchmarks/sanitize_small.py > "$work/sanitizer.log" 2>&1 || status=1
   tail -n 8 "$work/sanitizer.log"
   save
