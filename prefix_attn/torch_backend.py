@@ -27,7 +27,10 @@ Three paths:
   ops: at small shapes a call's cost is its count of dispatched ops. It works on heads-first (B, H, L, D)
   views, the layout of the kernel and of transformers' attention layers, which the integrations' calls
   hand over as they are (``forward_heads_first`` without autograd; ``AttnArgs.heads_first`` through the
-  autograd node, gradients in that layout too).
+  autograd node, gradients in that layout too). A small fp32 decoding call (one query per row, every row
+  on one task's prefix, at most ``DECODE_C_MAX_MACS``) runs in C instead (``prefix_attn/decode_cpu.c``, built
+  on first use): one call where the kernel's route costs two kernel calls, two views and a merge (at the
+  quick sweep's tiny shapes about 3x the time); its backward is the fused path's, from its out and lse.
 - CPU tensors with dropout, a shared prefix (no bank, no prefix_lens), equal heads and one query chunk
   (GPT-2's training call): one softmax over [prefix; keys], the keep-mask the kernels' Philox mask bit
   for bit, and the forward's probabilities and keep-mask kept for the backward (as SDPA's math path keeps
@@ -55,6 +58,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from prefix_attn import decode_cpu
 from prefix_attn.args import AttnArgs
 from prefix_attn.checks import FLOAT32_MAX, AttnDims, default_scale
 from prefix_attn.dropout import keep_mask_grid, keep_scale
@@ -325,9 +329,44 @@ def forward_heads_first(qt, kt, vt, prefix_k, prefix_v, args: AttnArgs, need_lse
     without need_lse), contiguous, as the custom op's fake promises (out already is: the kernel writes
     (B, Lq, H, D) memory)."""
     prefix_idx, prefix_lens, attention_mask, causal, scale, _, _, dims, _ = args
-    out, lse = _forward_fused_cpu(qt, kt, vt, prefix_k, prefix_v, _prefix_parts(prefix_idx, prefix_lens, dims),
-                                  attention_mask, causal, scale, dims, need_lse)
+    parts = _prefix_parts(prefix_idx, prefix_lens, dims)
+    if dims.seqlen_q == 1 and qt.dtype == torch.float32 and len(parts) <= 1:
+        found = _decode_in_c(qt, kt, vt, prefix_k, prefix_v, parts, attention_mask, scale, dims, need_lse)
+        if found is not None:
+            return found
+    qt, kt, vt, prefix_k, prefix_v = _head_dim_dense(qt, kt, vt, prefix_k, prefix_v)
+    out, lse = _forward_fused_cpu(qt, kt, vt, prefix_k, prefix_v, parts, attention_mask, causal, scale, dims, need_lse)
     return out.transpose(1, 2).contiguous(), None if lse is None else lse.contiguous()
+
+
+def _head_dim_dense(*tensors) -> tuple:
+    """The tensors with head_dim (the last dimension) at stride 1: a copy of each that has another (None stays
+    None). PyTorch's fused CPU kernels read head_dim as dense and silently compute something else otherwise (SDPA
+    itself takes its math path for such inputs); the integrations' tensors always have stride 1 there."""
+    if all(x is None or x.stride(-1) == 1 for x in tensors):
+        return tensors
+    return tuple(x if x is None or x.stride(-1) == 1 else x.contiguous() for x in tensors)
+
+
+# Multiply-adds of a decoding call, B * H * (visible prefix slots + Lk) * D, up to which the single-threaded C step
+# (prefix_attn.decode_cpu) runs it rather than the fused kernel's two calls and merge. Measured on the 2-core CPU
+# (torch 2.11, 2 threads, fp32, best of 3 loops, 105 shapes: B 1-32, H 4/Hkv 4 at D 16, H 12/12 and 32/8 at
+# D 64, P 8-200, Lk 16-256): up to 2**15 the C step is 1.65-7.1x faster (most 2-4x); from 2**15 to 2**16
+# 0.80-2.2x; beyond, the fused kernel's two threads win more often. A whole layer call through the integrations'
+# entry at the quick sweep's B 2, H 4, D 16, P 8, 17-48 keys: 23-26 us against 81-83 us (SDPA over PEFT's
+# concatenation: 13-15 us).
+DECODE_C_MAX_MACS = 1 << 15
+
+
+def _decode_in_c(qt, kt, vt, prefix_k, prefix_v, parts, attention_mask, scale, dims: AttnDims, need_lse):
+    """forward_heads_first's result for a decoding call (Lq = 1, fp32) whose rows all see one task's prefix (or
+    none) and whose work is at most DECODE_C_MAX_MACS, computed in C; None otherwise, or without the C function.
+    With one query, causal or not, a row sees every visible key."""
+    task, rows, n_slots = parts[0] if parts else (0, None, 0)
+    if rows is not None or dims.batch * dims.heads * (n_slots + dims.seqlen_k) * dims.head_dim > DECODE_C_MAX_MACS:
+        return None
+    return decode_cpu.decode(qt, kt, vt, prefix_k, prefix_v, task, n_slots, visible_keys(attention_mask), scale,
+                             dims.is_bank, need_lse)
 
 
 # Query rows x prefix slots from which a prefix part runs as one batch of n * Lq query rows (see _prefix_part).
@@ -373,6 +412,7 @@ def _backward_fused_cpu(dout, qt, kt, vt, out, lse, prefix_k, prefix_v, parts, a
     softmax's lse and output, recomputes p = exp(s - lse) and delta = rowsum(dout * out) of the softmax over
     [prefix; keys]; so it runs once on the own keys and once per prefix part, and the parts' gradients add
     up. A part's prefix gradient comes back per batch row and is summed over its rows in fp32."""
+    dout, qt, kt, vt, prefix_k, prefix_v = _head_dim_dense(dout, qt, kt, vt, prefix_k, prefix_v)
     is_causal, mask, _ = own_key_mask(attention_mask, causal, dims.seqlen_q, dims.seqlen_k, qt.dtype)
     safe = _finite_lse(lse)
     dot, ot = (_as(x, qt.dtype).transpose(1, 2) for x in (dout, out))

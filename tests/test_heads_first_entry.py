@@ -179,11 +179,12 @@ def test_a_call_checks_strides_nowhere_on_the_direct_route(monkeypatch):
 
 
 def test_the_backend_keeps_one_forward_for_both_layouts(monkeypatch):
-    """forward_unchecked (the op's layout) and the heads-first route both run _forward_fused_cpu."""
+    """forward_unchecked (the op's layout) and the heads-first route both run _forward_fused_cpu (a prefill: small
+    fp32 decoding calls run in C, from both layouts too, tests/test_decode_cpu.py)."""
     ran = []
     real = torch_backend._forward_fused_cpu
     monkeypatch.setattr(torch_backend, "_forward_fused_cpu", lambda *a, **kw: ran.append(1) or real(*a, **kw))
-    tensors, kwargs = make_inputs(CASES[0], torch.float32, requires_grad=False)
+    tensors, kwargs = make_inputs(CASES[4], torch.float32, requires_grad=False)
     kwargs.pop("causal")
     with torch.no_grad():
         causal_attention_heads_first(*_heads_first(tensors, kwargs), None, 0.0)

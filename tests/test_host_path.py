@@ -302,13 +302,19 @@ def _layer_calls(monkeypatch) -> list:
     return calls
 
 
-def test_cpu_decode_layer_call_is_two_fused_kernel_calls_and_a_merge(monkeypatch):
+@pytest.mark.parametrize("route", ["c", "fused"])
+def test_cpu_decode_layer_call_is_one_c_call_or_two_fused_kernel_calls_and_a_merge(monkeypatch, route):
     """A decode step of the native GPT-2 on CPU with nothing padded: the mask function drops the mask of ones
-    once per forward, and each layer call dispatches PyTorch's fused CPU kernel twice (own keys, prefix slots)
-    and the merge, with views around them: no masking, no dtype conversion, no copy. At these sizes a call's
-    host cost is its count of dispatched ops."""
-    from prefix_attn import PrefixTuning
+    once per forward, and each layer call dispatches one op, its output's allocation, around the C decoding step
+    (prefix_attn/decode_cpu.c); above its size (forced here), PyTorch's fused CPU kernel twice (own keys, prefix
+    slots) and the merge, with views around them: no masking, no dtype conversion, no copy. At these sizes a
+    call's host cost is its count of dispatched ops."""
+    from prefix_attn import PrefixTuning, decode_cpu, torch_backend
 
+    if route == "fused":
+        monkeypatch.setattr(torch_backend, "DECODE_C_MAX_MACS", -1)
+    elif decode_cpu.DECODE.get() is None:
+        pytest.skip(f"the C decoding step could not be built here: {decode_cpu.DECODE.unavailable}")
     calls = _layer_calls(monkeypatch)
     tuned = PrefixTuning(_tiny_gpt2(2), num_virtual_tokens=4).eval()
     ids = torch.randint(1, 100, (3, 6), generator=torch.Generator().manual_seed(0))
@@ -322,19 +328,28 @@ def test_cpu_decode_layer_call_is_two_fused_kernel_calls_and_a_merge(monkeypatch
     merge = {"sub", "sigmoid_", "unsqueeze_", "lerp_", "logaddexp"}
     for mask, names in calls:
         assert mask is None
+        if route == "c":
+            assert names == ["empty"], names
+            continue
         assert names.count("_scaled_dot_product_flash_attention_for_cpu") == 2, names
         assert set(names) <= merge | {"_scaled_dot_product_flash_attention_for_cpu", "transpose", "as_strided"}, names
         # HF's heads-first tensors go to the kernels as they are: one transpose, of the output (13 ops before).
         assert names.count("transpose") == 1 and len(names) <= 9, names
 
 
-def test_cpu_padded_decode_layer_calls_derive_the_mask_once_per_forward(monkeypatch):
+@pytest.mark.parametrize("route", ["c", "fused"])
+def test_cpu_padded_decode_layer_calls_derive_the_mask_once_per_forward(monkeypatch, route):
     """A decode step of the native GPT-2 on CPU over a left-padded batch (what batched generate() runs): the first
-    layer call of the forward derives the kernel's masks from the padding mask; every later one dispatches what a
-    call without padding does (the two fused-kernel calls, the merge, views), no masking op (at 2ed0f77 each layer
-    call derived them again: 13 more ops, 24 in all)."""
-    from prefix_attn import PrefixTuning
+    layer call of the forward derives the masks from the padding mask; every later one dispatches what a call
+    without padding does (the C step's output allocation; forced onto the fused kernel: the two fused-kernel
+    calls, the merge, views), no masking op (at 2ed0f77 each layer call derived them again: 13 more ops, 24 in
+    all)."""
+    from prefix_attn import PrefixTuning, decode_cpu, torch_backend
 
+    if route == "fused":
+        monkeypatch.setattr(torch_backend, "DECODE_C_MAX_MACS", -1)
+    elif decode_cpu.DECODE.get() is None:
+        pytest.skip(f"the C decoding step could not be built here: {decode_cpu.DECODE.unavailable}")
     calls = _layer_calls(monkeypatch)
     tuned = PrefixTuning(_tiny_gpt2(3), num_virtual_tokens=4).eval()
     ids, mask = _padded_batch(batch=3, length=6)
@@ -347,6 +362,9 @@ def test_cpu_padded_decode_layer_calls_derive_the_mask_once_per_forward(monkeypa
     assert len(calls) == 3 and all(m is calls[0][0] and m is not None for m, _ in calls)
     merge = {"sub", "sigmoid_", "unsqueeze_", "lerp_"}
     for _, names in calls[1:]:
+        if route == "c":
+            assert names == ["empty"], names
+            continue
         assert names.count("_scaled_dot_product_flash_attention_for_cpu") == 2, names
         assert set(names) <= merge | {"_scaled_dot_product_flash_attention_for_cpu", "transpose", "as_strided"}, names
         assert len(names) <= 9, names

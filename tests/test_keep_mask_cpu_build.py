@@ -1,12 +1,13 @@
-"""The C keep-mask's build: cached per machine, rebuilt for a changed source, and, where it cannot be built,
-NumPy's draw (the same bits) after one warning that says why."""
+"""The C keep-mask's build (prefix_attn.c_library, which builds decode_cpu.c the same way): cached per machine,
+rebuilt for a changed source, and, where it cannot be built, NumPy's draw (the same bits) after one warning that
+says why."""
 import subprocess
 import warnings
 
 import pytest
 import torch
 
-from prefix_attn import dropout, keep_mask_cpu
+from prefix_attn import c_library, decode_cpu, dropout, keep_mask_cpu
 
 ARGS = (11, 2**40 + 3, 6, 9, slice(0, 9), 5, 13)  # seed, offset, B * H, Lq, rows, P, Lk
 
@@ -15,9 +16,9 @@ ARGS = (11, 2**40 + 3, 6, 9, slice(0, 9), 5, 13)  # seed, offset, B * H, Lq, row
 def fresh(monkeypatch, tmp_path):
     """keep_mask_cpu as in a new process, with an empty cache folder."""
     monkeypatch.setenv("PREFIX_ATTN_CACHE_DIR", str(tmp_path))
-    for name, value in (("_LOADED", False), ("_FUNCTION", None), ("_UNAVAILABLE", None)):
-        monkeypatch.setattr(keep_mask_cpu, name, value)
-    return tmp_path
+    keep_mask_cpu.KEEP_MASK.reset()
+    yield tmp_path
+    keep_mask_cpu.KEEP_MASK.reset()  # the next test loads the build in the usual cache again
 
 
 def _draw():
@@ -29,7 +30,7 @@ def _numpy():
 
 
 def test_builds_once_then_loads_the_cached_library(fresh, monkeypatch):
-    if keep_mask_cpu.find_compiler() is None:
+    if c_library.find_compiler() is None:
         pytest.skip("no C compiler on this machine")
     assert torch.equal(_draw(), _numpy())
     built = list(fresh.glob("keep_mask_cpu-*.so"))
@@ -39,22 +40,23 @@ def test_builds_once_then_loads_the_cached_library(fresh, monkeypatch):
         raise AssertionError("compiled again although the cache holds the build")
 
     monkeypatch.setattr(subprocess, "run", no_compiler)
-    monkeypatch.setattr(keep_mask_cpu, "_LOADED", False)
+    keep_mask_cpu.KEEP_MASK.reset()
     assert torch.equal(_draw(), _numpy())
 
 
 def test_the_library_name_follows_the_source_and_the_compiler():
-    names = {keep_mask_cpu.library_path(cc, src) for cc in ("/usr/bin/cc", "/usr/bin/clang") for src in (b"a", b"b")}
-    assert len(names) == 4
+    names = {c_library.library_path("keep_mask_cpu", cc, src, flags)
+             for cc in ("/usr/bin/cc", "/usr/bin/clang") for src in (b"a", b"b") for flags in (("-O3",), ("-O2",))}
+    assert len(names) == 8
 
 
 @pytest.mark.parametrize("compiler", ["missing", "fails"])
 def test_without_a_build_the_numpy_draw_gives_the_same_bits(fresh, monkeypatch, compiler):
     if compiler == "missing":
-        monkeypatch.setattr(keep_mask_cpu, "find_compiler", lambda: None)
+        monkeypatch.setattr(c_library, "find_compiler", lambda: None)
         reason = "no C compiler found"
     else:
-        monkeypatch.setattr(keep_mask_cpu, "find_compiler", lambda: "/bin/false")
+        monkeypatch.setattr(c_library, "find_compiler", lambda: "/bin/false")
         reason = "/bin/false exited with 1"
     with pytest.warns(RuntimeWarning, match="drawing it with NumPy instead") as caught:
         assert _draw() is None
@@ -68,7 +70,7 @@ def test_without_a_build_the_numpy_draw_gives_the_same_bits(fresh, monkeypatch, 
 
 def test_the_op_gives_the_same_output_and_gradients_either_way(fresh, monkeypatch):
     """The torch backend's dropout path, end to end: C and NumPy draws are interchangeable."""
-    if keep_mask_cpu.find_compiler() is None:
+    if c_library.find_compiler() is None:
         pytest.skip("no C compiler on this machine")
     from prefix_attn import prefix_attn_func
 
@@ -87,14 +89,16 @@ def test_the_op_gives_the_same_output_and_gradients_either_way(fresh, monkeypatc
         assert torch.equal(a, b)
 
 
-def test_the_c_source_ships_in_the_package():
-    """A wheel install has the source to build (without it every CPU dropout call would take the slower NumPy
-    draw): pyproject.toml's package data names it, and it lies in the package."""
+@pytest.mark.parametrize("function", [keep_mask_cpu.KEEP_MASK, decode_cpu.DECODE], ids=lambda f: f.source.name)
+def test_the_c_source_ships_in_the_package(function):
+    """A wheel install has the sources to build (without them every CPU dropout call would take the slower NumPy
+    draw, and every small CPU decoding call the fused kernel's slower route): pyproject.toml's package data names
+    them, and they lie in the package."""
     tomllib = pytest.importorskip("tomllib")
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     config = tomllib.loads((root / "pyproject.toml").read_text())
     shipped = config["tool"]["setuptools"]["package-data"]["prefix_attn"]
-    assert keep_mask_cpu.SOURCE.name in shipped and keep_mask_cpu.SOURCE.parent.name == "prefix_attn"
-    assert keep_mask_cpu.SOURCE.is_file()
+    assert function.source.name in shipped and function.source.parent.name == "prefix_attn"
+    assert function.source.is_file()

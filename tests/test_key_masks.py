@@ -41,24 +41,25 @@ def _left_padded(seqlen_k):
 
 
 class _Derivations:
-    """Counts the derivations of the fused path's own-key mask (key_masks._own_key_mask)."""
+    """Counts the derivations of a path's mask: the fused path's own-key mask (key_masks._own_key_mask), or the
+    visible keys (read by key_masks.lets_every_key_through), which a small decoding call, run in C, reads."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, derivation="_own_key_mask"):
         self.count = 0
-        real = key_masks._own_key_mask
+        real = getattr(key_masks, derivation)
 
         def counted(*args):
             self.count += 1
             return real(*args)
 
-        monkeypatch.setattr(key_masks, "_own_key_mask", counted)
+        monkeypatch.setattr(key_masks, derivation, counted)
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", [(1, 11), (4, 11), (9, 9)])  # decoding, bottom-right causal, prefill
 def test_layer_calls_with_one_mask_derive_it_once(monkeypatch, seqlen_q, seqlen_k):
     """Layer calls with the same mask tensor (one forward of a model) derive its masks once, with results equal to
     the reference in every call; an in-place write to the mask and a new mask tensor each derive them again."""
-    derivations = _Derivations(monkeypatch)
+    derivations = _Derivations(monkeypatch, "lets_every_key_through" if seqlen_q == 1 else "_own_key_mask")
     mask = _left_padded(seqlen_k)
     for layer in range(3):
         tensors = _inputs(seqlen_q, seqlen_k, seed=layer)

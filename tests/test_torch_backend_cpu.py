@@ -144,6 +144,7 @@ def test_a_mask_of_ones_is_not_applied_on_cpu(monkeypatch):
     from prefix_attn import torch_backend
     from prefix_attn.host_syncs import HostSyncCounter
 
+    monkeypatch.setattr(torch_backend, "DECODE_C_MAX_MACS", -1)  # the fused path's masks (C: test_decode_cpu.py)
     masks = []
     real = torch_backend.own_key_mask
     monkeypatch.setattr(torch_backend, "own_key_mask", lambda *a: masks.append(real(*a)) or masks[-1])
@@ -187,6 +188,7 @@ def test_prefix_part_folded_into_one_batch_of_query_rows_or_per_batch_row(monkey
     from prefix_attn import torch_backend
 
     monkeypatch.setattr(torch_backend, "FOLD_MIN_ROWS_X_SLOTS", 0 if fold else 2**62)
+    monkeypatch.setattr(torch_backend, "DECODE_C_MAX_MACS", -1)  # decoding calls too: the fused path's parts
     batches = []
     real = torch_backend._flash_cpu
     monkeypatch.setattr(torch_backend, "_flash_cpu",
@@ -227,6 +229,7 @@ def test_a_call_without_autograd_that_returns_no_lse_skips_the_merged_lse(monkey
     output is the same bits as with it."""
     from prefix_attn import torch_backend
 
+    monkeypatch.setattr(torch_backend, "DECODE_C_MAX_MACS", -1)  # the fused path's merge (C: test_decode_cpu.py)
     with_lse = []
     real = torch_backend._merge
     monkeypatch.setattr(torch_backend, "_merge",
@@ -235,3 +238,18 @@ def test_a_call_without_autograd_that_returns_no_lse_skips_the_merged_lse(monkey
     out = prefix_attn_func(**tensors, **kwargs, backend="torch")
     out_with_lse, lse = prefix_attn_func(**tensors, **kwargs, return_lse=True, backend="torch")
     assert with_lse == [False, True] and torch.equal(out, out_with_lse) and torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", ["q", "k", "v", "prefix_k", "prefix_v"])
+@pytest.mark.parametrize("case", [Case(P=3, B=2, Lq=5, Lk=5, H=2, D=16), Case(P=3, B=2, Lq=1, Lk=6, H=2, D=16)],
+                         ids=["prefill", "decode"])
+def test_an_input_whose_head_dim_stride_is_not_1(case, name, backend):
+    """Regression: the fused CPU path handed such views to PyTorch's fused CPU kernels, which read head_dim as
+    dense and silently computed something else (errors of 1-5 on outputs and gradients); SDPA itself takes its
+    math path for them. Now they are read through a copy; the C decoding step leaves them to that path."""
+    tensors, kwargs = make_inputs(case, torch.float32)
+    view = torch.repeat_interleave(tensors[name].detach(), 2, dim=-1)[..., ::2]  # the same values, stride 2
+    tensors[name] = view.requires_grad_(True)
+    assert tensors[name].stride(-1) == 2
+    check_against_reference(case, torch.float32, backend, tensors_kwargs=(tensors, kwargs))
