@@ -215,6 +215,33 @@ def test_per_layer_prefix_is_one_autograd_node():
     assert len(prefix) == 3 and len({id(t.grad_fn) for kv in prefix for t in kv}) == 1
 
 
+def test_peft_generate_finds_what_each_step_adds_once_per_call(monkeypatch):
+    """The PEFT route's generate() computes the prefix, checks the base model's attention and reads its position
+    limit once per call, as the native route does, not in every step (they cost about as much as the step's
+    attention calls on the tiny models); prepare_inputs_for_generation outside generate() still finds them per
+    call. The tokens are those of a full no-cache recompute."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from prefix_attn import apply_prefix_attn_to_peft
+    from prefix_attn.integrations import peft as peft_route
+    from tests.helpers import no_cache_generate
+
+    calls = []
+    for name in ("peft_prefix_kv", "check_prefix_attn_selected", "absolute_position_limit"):
+        real = getattr(peft_route, name)
+        monkeypatch.setattr(peft_route, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    model = apply_prefix_attn_to_peft(
+        get_peft_model(_tiny_gpt2(2), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))).eval()
+    ids, mask = _padded_batch(batch=3, length=6)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    tokens = model.generate(**kwargs)
+    assert sorted(calls) == ["absolute_position_limit", "check_prefix_attn_selected", "peft_prefix_kv"]
+    assert torch.equal(tokens, no_cache_generate(model, **kwargs))
+    calls.clear()
+    model.prepare_inputs_for_generation(ids, attention_mask=mask)
+    assert sorted(calls) == ["absolute_position_limit", "check_prefix_attn_selected", "peft_prefix_kv"]
+
+
 def test_int32_span_check_fast_path_keeps_the_check():
     from prefix_attn.checks import check_row_offsets_fit_int32
 

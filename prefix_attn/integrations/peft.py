@@ -32,7 +32,8 @@ from prefix_attn.integrations.hf_attention import (
     absolute_position_limit, check_prefix_attn_selected, check_supported_model, decoder_dims, switch_back,
     switch_to_prefix_attn)
 
-# Attribute of a patched PeftModel holding the prefix for the generate call in progress.
+# Attribute of a patched PeftModel holding, for the generate call in progress, what every step adds to its inputs:
+# (prefix, P, n_positions), found once per call (per step they cost about as much as the step's attention calls).
 _GENERATION_PREFIX_ATTR = "_prefix_attn_generation_prefix"
 _PATCHED_ATTR = "_prefix_attn_patched"
 # The instance attributes the patch sets (PEFT's own methods are class attributes underneath).
@@ -121,17 +122,22 @@ def _forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labe
 
 def _prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
     """PEFT's prepare_inputs_for_generation for prefix tuning, the prefix routed to the fused op."""
-    config = self.active_peft_config
-    if not _is_prefix_tuning(config):
-        return type(self).prepare_inputs_for_generation(self, *args, task_ids=task_ids, **kwargs)
-    check_prefix_attn_selected(self.get_base_model(), "apply_prefix_attn_to_peft")
+    additions = self.__dict__.get(_GENERATION_PREFIX_ATTR)
+    if additions is None:  # called outside generate(): find them for this step
+        if not _is_prefix_tuning(self.active_peft_config):
+            return type(self).prepare_inputs_for_generation(self, *args, task_ids=task_ids, **kwargs)
+        additions = _generation_additions(self)
     model_inputs = self.base_model_prepare_inputs_for_generation(*args, **kwargs)
     _drop_token_type_ids(model_inputs)
-    prefix = self.__dict__.get(_GENERATION_PREFIX_ATTR)
-    if prefix is None:  # called outside generate(): compute it for this step
-        prefix = peft_prefix_kv(self)
-    return add_prefix_to_model_inputs(model_inputs, prefix, config.num_virtual_tokens,
-                                      absolute_position_limit(self.get_base_model()))
+    return add_prefix_to_model_inputs(model_inputs, *additions)
+
+
+def _generation_additions(peft_model) -> tuple:
+    """(prefix, P, n_positions) that a generation step adds to its inputs (``add_prefix_to_model_inputs``), after
+    checking that the base model still runs the fused attention."""
+    base = peft_model.get_base_model()
+    check_prefix_attn_selected(base, "apply_prefix_attn_to_peft")
+    return peft_prefix_kv(peft_model), peft_model.active_peft_config.num_virtual_tokens, absolute_position_limit(base)
 
 
 def _generate(self, *args, **kwargs):
@@ -139,7 +145,7 @@ def _generate(self, *args, **kwargs):
     if not _is_prefix_tuning(self.active_peft_config) or self._adapters_disabled:
         return type(self).generate(self, *args, **kwargs)
     with torch.no_grad():
-        self.__dict__[_GENERATION_PREFIX_ATTR] = peft_prefix_kv(self)
+        self.__dict__[_GENERATION_PREFIX_ATTR] = _generation_additions(self)
     try:
         return type(self).generate(self, *args, **kwargs)
     finally:
