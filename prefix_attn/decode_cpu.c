@@ -7,13 +7,17 @@
  *   the first n_slots slots are visible; key_ok (B, Lk) bytes, 0 for a hidden key, or NULL (every key visible);
  *   out (B, 1, H, D) contiguous; lse (B, H) contiguous (natural log, -inf for a row that sees no key) or NULL.
  * Query head h reads KV head h / (H / Hkv). Scores, softmax and sums in fp32: scores first (one pass), then
- * the row's maximum, exp, and the weighted sum of values (a second pass), as the reference computes them.
+ * the row's maximum, exp, and the weighted sum of values (a second pass), as the reference computes them. As in
+ * the Triton kernels, the scores are in base 2 (log2(e) folded into the softmax scale, exp2), and the lse
+ * leaves in natural log.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 #define LANES 8 /* partial sums of a dot product: independent lanes the compiler vectorises */
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
 
 static float dot(const float *restrict a, const float *restrict b, int64_t n) {
     float part[LANES] = {0.f};
@@ -43,7 +47,8 @@ int prefix_attn_decode_f32(const float *q, int64_t q_stride_b, int64_t q_stride_
                            const uint8_t *key_ok, int64_t ok_stride_b, int64_t ok_stride_l,
                            int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t seqlen_k,
                            int64_t n_slots, float scale, float *out, float *lse) {
-    int64_t n_scores = n_slots + seqlen_k, group = heads / kv_heads;
+    const int64_t n_scores = n_slots + seqlen_k, group = heads / kv_heads;
+    const float scale_log2 = scale * LOG2E;
     float *scores = malloc(sizeof(float) * (size_t)(n_scores > 0 ? n_scores : 1));
     if (scores == NULL)
         return 1;
@@ -57,13 +62,13 @@ int prefix_attn_decode_f32(const float *q, int64_t q_stride_b, int64_t q_stride_
             float row_max = -INFINITY;
             int64_t n_visible = n_slots;
             for (int64_t j = 0; j < n_slots; j++) {
-                scores[j] = scale * dot(q_row, prefix_k + j * pk_stride_p + hk * pk_stride_h, head_dim);
+                scores[j] = scale_log2 * dot(q_row, prefix_k + j * pk_stride_p + hk * pk_stride_h, head_dim);
                 row_max = scores[j] > row_max ? scores[j] : row_max;
             }
             for (int64_t j = 0; j < seqlen_k; j++) {
                 float s = -INFINITY;
                 if (key_ok == NULL || key_ok[b * ok_stride_b + j * ok_stride_l]) {
-                    s = scale * dot(q_row, k_head + j * k_stride_l, head_dim);
+                    s = scale_log2 * dot(q_row, k_head + j * k_stride_l, head_dim);
                     n_visible++;
                 }
                 scores[n_slots + j] = s;
@@ -80,7 +85,7 @@ int prefix_attn_decode_f32(const float *q, int64_t q_stride_b, int64_t q_stride_
             for (int64_t j = 0; j < n_scores; j++) {
                 if (scores[j] == -INFINITY) /* hidden (a NaN score is not skipped: it makes the row NaN) */
                     continue;
-                const float p = expf(scores[j] - row_max);
+                const float p = exp2f(scores[j] - row_max);
                 row_sum += p;
                 add_scaled(o, j < n_slots ? prefix_v + j * pv_stride_p + hk * pv_stride_h
                                           : v_head + (j - n_slots) * v_stride_l, p, head_dim);
@@ -89,7 +94,7 @@ int prefix_attn_decode_f32(const float *q, int64_t q_stride_b, int64_t q_stride_
             for (int64_t d = 0; d < head_dim; d++)
                 o[d] *= inverse;
             if (lse != NULL)
-                lse[b * heads + h] = row_max + logf(row_sum);
+                lse[b * heads + h] = (row_max + log2f(row_sum)) * LN2;
         }
     }
     free(scores);

@@ -3,10 +3,10 @@
 Through PyTorch's fused CPU attention a decoding layer call is two kernel calls (own keys, prefix slots), two
 batch-stride-0 prefix views and four merge ops, each a dispatched op of a few microseconds: at the quick sweep's
 tiny shapes (B 2, H 4, D 16, P 8) a layer call took 81-83 us on the 2-core CPU (torch 2.11, 2 threads), where SDPA
-over PEFT's concatenated cache takes 13-15 us, which left the patched model's generate() at 0.98x PEFT's there;
-with the C step it takes 23-26 us. The C step computes the same
-softmax over [visible prefix slots; own keys] in one call of a few microseconds plus the arithmetic (single
-threaded, so prefix_attn.torch_backend calls it only below a measured size, ``DECODE_C_MAX_MACS``).
+over PEFT's concatenated cache takes 13-15 us, which left the patched model's generate() at 0.98x PEFT's there.
+The C step computes the same softmax over [visible prefix slots; own keys] in one call of a few microseconds plus
+the arithmetic, and the layer call takes 23-26 us; it runs single threaded, so prefix_attn.torch_backend calls it
+only below a measured size, ``DECODE_C_MAX_MACS``.
 
 Built and loaded by prefix_attn.c_library (once per machine, cached); when no compiler is found or the build
 fails, decoding goes through the fused kernel (the same result up to rounding), with one warning that says why.
